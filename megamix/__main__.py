@@ -1,0 +1,3 @@
+from megamix.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""The one config schema: typed dataclasses, loaded from YAML, overridden with ``--set``.
+
+Every run is described by one YAML file with the sections below; ``--set section.key=value``
+overrides any key (the value is parsed as YAML, so ``--set norm.layers=[post,pre]`` works).
+:func:`validate` checks the whole config before any process group or tensor exists, and every
+problem is a :class:`ConfigError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+NORM_TYPES = ("rmsnorm", "layernorm")
+SCHEMES = ("pre", "post", "mix", "lns", "peri", "deepnorm")
+LAYER_KINDS = ("pre", "post", "lns", "peri", "deepnorm")  # what an explicit norm.layers entry may be
+ENGINES = ("fsdp2", "deepspeed")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+ACTIVATION_CHECKPOINT = ("none", "full", "selective")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; configs mean a number, so resolve it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A config problem; ``field`` is the dotted name of the offending key."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1368
+    num_layers: int = 12
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # None: same as num_heads (no GQA)
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    embed_init_std: float | None = None  # None: init_std (the MixLN reference used sqrt(2/5))
+    scaled_init: bool = False  # output projections get init_std / sqrt(2 L)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class NormConfig:
+    type: str = "rmsnorm"
+    scheme: str = "pre"
+    alpha: float | None = None  # Mix-LN: the first floor(alpha * L) layers are Post-LN
+    layers: list[str] | None = None  # explicit per-layer kinds; overrides scheme
+    deepnorm_alpha: float | None = None  # None: DeepNet's (2L)^(1/4)
+    deepnorm_beta: float | None = None  # None: DeepNet's init gain (8L)^(-1/4)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None  # None: world_size / (tp * pp)
+    zero: int = 0
+    engine: str = "fsdp2"
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    stage_layers: list[int] | None = None  # layers per pipeline stage; None: balanced
+    sequence_parallel: bool = False
+    activation_checkpoint: str = "none"
+
+
+@dataclass
+class DataConfig:
+    # A .bin/.idx prefix, or a weighted blend: [weight, prefix, weight, prefix, ...].
+    path: str | list | None = None
+    valid_path: str | list | None = None  # None: validation comes from `split`
+    seq_len: int = 256
+    split: str = "98,2"  # train,validation shares of the documents of `path`
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0  # 0: no clipping (the Mix-LN recipe); the norm is still logged
+    precision: str = "fp32"
+    seed: int = 42
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_steps: int = 10
+    save_interval: int = 0  # 0: only at the end
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML mapping → dataclasses, with type checks and unknown-key suggestions.
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return _check_type(name, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(name, f"unexpected value {value!r}")
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {name}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(dotted, f"unknown key{hint} (known: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, dotted)
+        else:
+            kwargs[key] = _check_type(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` → ``("train.lr", 0.0003)``; values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = _yaml(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply ``--set`` overrides, build the schema."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+        try:
+            tree = _yaml(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError("config", f"{path} must hold a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: everything that can be known before a process group starts.
+
+
+def _choice(name: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"must be positive; got {value}")
+
+
+def parse_blend(path: str | list | None, name: str) -> list[tuple[float, str]]:
+    """A data path as ``[(weight, prefix), ...]`` with weights summing to 1."""
+    if path is None:
+        return []
+    if isinstance(path, str):
+        return [(1.0, path)]
+    if len(path) == 1 and isinstance(path[0], str):
+        return [(1.0, path[0])]
+    if len(path) % 2:
+        raise ConfigError(name, "a blend is a list of weight, prefix pairs: [0.7, a, 0.3, b]")
+    pairs = []
+    for i in range(0, len(path), 2):
+        weight, prefix = path[i], path[i + 1]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{name}[{i}]", f"blend weights must be positive numbers; got {weight!r}")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{name}[{i + 1}]", f"expected a .bin/.idx prefix, got {prefix!r}")
+        pairs.append((float(weight), prefix))
+    total = sum(w for w, _ in pairs)
+    return [(w / total, p) for w, p in pairs]
+
+
+def parse_split(split: str) -> tuple[float, float]:
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError("data.split", f"expected 'train,valid' shares such as '98,2'; got {split!r}") from None
+    if len(parts) not in (1, 2) or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError("data.split", f"expected two non-negative shares such as '98,2'; got {split!r}")
+    if len(parts) == 1:
+        parts.append(0.0)
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total
+
+
+def validate(cfg: Config, world_size: int | None = None, for_training: bool = False) -> Config:
+    """Check the whole config; fill in derived values (``parallel.dp``) when the world size is known."""
+    m, n, p, d, t = cfg.model, cfg.norm, cfg.parallel, cfg.data, cfg.train
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.num_kv_heads is not None:
+        _positive("model.num_kv_heads", m.num_kv_heads)
+    if m.hidden_size % m.num_heads:
+        raise ConfigError("model.num_heads", f"{m.num_heads} heads do not divide hidden_size {m.hidden_size}")
+    if m.num_heads % m.kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{m.kv_heads} kv heads do not divide num_heads {m.num_heads}")
+    if m.head_dim % 2:
+        raise ConfigError("model.num_heads", f"head dim {m.head_dim} must be even for rotary embeddings")
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+    _positive("model.rope_theta", m.rope_theta)
+
+    _choice("norm.type", n.type, NORM_TYPES)
+    _choice("norm.scheme", n.scheme, SCHEMES)
+    if n.alpha is not None and not 0.0 <= n.alpha <= 1.0:  # also catches NaN
+        raise ConfigError("norm.alpha", f"the Post-LN fraction must lie in [0, 1]; got {n.alpha}")
+    if n.layers is not None:
+        if len(n.layers) != m.num_layers:
+            raise ConfigError("norm.layers", f"has {len(n.layers)} entries for {m.num_layers} layers")
+        for i, kind in enumerate(n.layers):
+            _choice(f"norm.layers[{i}]", kind, LAYER_KINDS)
+    elif n.scheme == "mix" and n.alpha is None:
+        raise ConfigError("norm.alpha", "scheme 'mix' needs alpha, the fraction of Post-LN layers (0.25 in the paper)")
+    if n.deepnorm_alpha is not None:
+        _positive("norm.deepnorm_alpha", n.deepnorm_alpha)
+    if n.deepnorm_beta is not None:
+        _positive("norm.deepnorm_beta", n.deepnorm_beta)
+
+    for name in ("tp", "pp", "virtual_stages"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    if p.dp is not None:
+        _positive("parallel.dp", p.dp)
+    _choice("parallel.engine", p.engine, ENGINES)
+    _choice("parallel.schedule", p.schedule, SCHEDULES)
+    _choice("parallel.activation_checkpoint", p.activation_checkpoint, ACTIVATION_CHECKPOINT)
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero", f"must be 0, 1, 2 or 3; got {p.zero}")
+    if p.engine == "fsdp2" and p.zero == 1:
+        raise ConfigError("parallel.zero", "ZeRO-1 (optimizer sharding only) needs parallel.engine: deepspeed; "
+                          "with fsdp2 use zero 0, 2 or 3")
+    if m.num_heads % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_heads {m.num_heads}")
+    if m.kv_heads % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_kv_heads {m.kv_heads}")
+    if p.schedule != "interleaved_1f1b" and p.virtual_stages != 1:
+        raise ConfigError("parallel.virtual_stages", "only the interleaved_1f1b schedule uses virtual stages")
+    num_stages = p.pp * p.virtual_stages
+    if p.stage_layers is not None:
+        if len(p.stage_layers) != num_stages or any(k <= 0 for k in p.stage_layers):
+            raise ConfigError("parallel.stage_layers", f"needs {num_stages} positive counts (pp × virtual_stages)")
+        if sum(p.stage_layers) != m.num_layers:
+            raise ConfigError("parallel.stage_layers", f"sums to {sum(p.stage_layers)}, not num_layers {m.num_layers}")
+    elif m.num_layers < num_stages:
+        raise ConfigError("parallel.pp", f"{num_stages} pipeline stages for only {m.num_layers} layers")
+    if world_size is not None:
+        if world_size % (p.tp * p.pp):
+            raise ConfigError("parallel.tp", f"tp×pp = {p.tp * p.pp} does not divide the world size {world_size}")
+        dp = world_size // (p.tp * p.pp)
+        if p.dp is not None and p.dp != dp:
+            raise ConfigError("parallel.dp", f"tp×pp×dp = {p.tp * p.pp * p.dp}, but the world size is {world_size}")
+        p.dp = dp
+
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    parse_split(d.split)
+    parse_blend(d.path, "data.path")
+    parse_blend(d.valid_path, "data.valid_path")
+    if for_training and d.path is None:
+        raise ConfigError("data.path", "training needs a .bin/.idx prefix (see tools/preprocess_c4.py)")
+
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_steps"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.lr", t.lr)
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError("train.min_lr", f"must lie in [0, lr={t.lr}]; got {t.min_lr}")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ConfigError("train.warmup_steps", f"must lie in [0, steps={t.steps}]; got {t.warmup_steps}")
+    for name in ("weight_decay", "grad_clip", "eval_interval", "save_interval"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", f"must not be negative; got {getattr(t, name)}")
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    dp = p.dp or 1
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of micro_batch_size × dp = {t.micro_batch_size} × {dp}",
+        )
+    return cfg

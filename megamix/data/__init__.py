@@ -1,0 +1,1 @@
+"""Token data: Megatron .bin/.idx files, packed GPT samples, tokenizers."""

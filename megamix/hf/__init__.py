@@ -1,0 +1,1 @@
+"""Getting models out of (and into) megamix checkpoints."""

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole workflow on the bundled demo, on CPU, in a couple of minutes:
+#   C4-format shards → .bin/.idx tokens → train a tiny Mix-LN LLaMA → evaluate it.
+# Everything lands under demo/ (delete it to start over; re-running resumes where it stopped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh demo
+
+echo "== 1. a C4-format corpus from real English text (World English Bible) + the LLaMA-style tokenizer"
+python tools/make_demo_corpus.py --output demo/c4
+
+echo "== 2. tokenize into Megatron .bin/.idx files"
+python tools/preprocess_c4.py --input 'demo/c4/c4-train.*.json.gz' \
+    --output-prefix demo/data/demo_train_text_document --tokenizer demo/c4/tokenizer.model
+python tools/preprocess_c4.py --input 'demo/c4/c4-validation.*.json.gz' \
+    --output-prefix demo/data/demo_validation_text_document --tokenizer demo/c4/tokenizer.model
+
+echo "== 3. megamix plan: where the norms go"
+megamix plan --config configs/llama_tiny.yaml
+
+echo "== 4. train the tiny Mix-LN model (alpha 0.25: layer 0 Post-LN, layers 1-3 Pre-LN)"
+megamix train --config configs/llama_tiny.yaml
+
+echo "== 5. evaluate the final checkpoint on the validation shard"
+megamix evaluate --checkpoint demo/run --data demo/data/demo_validation_text_document
+echo "metrics: demo/run/metrics.jsonl   TensorBoard: tensorboard --logdir demo/run/tensorboard"

@@ -1,0 +1,78 @@
+"""Every bad config fails up front with one clear line naming the field (exit code 2 from the CLI)."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megamix.cli import main
+from megamix.config import ConfigError, load_config, validate
+
+BAD = [
+    (["norm.alpah=0.3"], "norm.alpah", "did you mean 'norm.alpha'"),
+    (["modle.hidden_size=64"], "modle", "did you mean 'model'"),
+    (["model.hidden_size=big"], "model.hidden_size", "expected an integer"),
+    (["train.lr=[1]"], "train.lr", "expected a number"),
+    (["train.tensorboard=3"], "train.tensorboard", "true or false"),
+    (["norm.scheme=mix", "norm.alpha=1.5"], "norm.alpha", "[0, 1]"),
+    (["norm.scheme=mix", "norm.alpha=-0.1"], "norm.alpha", "[0, 1]"),
+    (["norm.scheme=mix"], "norm.alpha", "needs alpha"),
+    (["norm.scheme=sandwich"], "norm.scheme", "must be one of"),
+    (["model.num_heads=3"], "model.num_heads", "do not divide hidden_size"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads", "do not divide num_heads"),
+    (["parallel.tp=8"], "parallel.tp", "does not divide num_heads"),
+    (["norm.layers=[pre, post]"], "norm.layers", "2 entries for 4 layers"),
+    (["norm.layers=[pre, post, mix, pre]"], "norm.layers[2]", "must be one of"),
+    (["parallel.zero=1"], "parallel.zero", "deepspeed"),
+    (["train.global_batch_size=6"], "train.global_batch_size", "multiple of micro_batch_size"),
+    (["data.seq_len=4096"], "data.seq_len", "exceeds model.max_seq_len"),
+    (["train.min_lr=1.0"], "train.min_lr", "[0, lr"),
+]
+
+BASE = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "model.max_seq_len=128",
+        "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8"]
+
+
+@pytest.mark.parametrize("overrides,field,words", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
+def test_bad_config_names_the_field(overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, BASE + overrides))
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+    assert words in str(err.value)
+
+
+def test_cli_exits_nonzero_with_one_line_naming_the_field(capsys):
+    assert main(["plan", "--set", "norm.scheme=mix", "--set", "norm.alpha=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "norm.alpha" in err[0]
+
+
+def test_yaml_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_layer: 4\n")
+    with pytest.raises(ConfigError, match=r"model.num_layer: unknown key; did you mean 'model.num_layers'"):
+        load_config(path)
+
+
+def test_scientific_notation_and_overrides_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  min_lr: 1.0e-5\n")
+    cfg = load_config(path, ["train.warmup_steps=7", "norm.layers=[pre, post]", "model.num_layers=2"])
+    assert cfg.train.lr == 3e-4 and cfg.train.min_lr == 1e-5 and cfg.train.warmup_steps == 7
+    assert cfg.norm.layers == ["pre", "post"]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = validate(load_config(None, BASE + ["norm.scheme=mix", "norm.alpha=0.25"]))
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["norm"]["alpha"] == 0.25
+
+
+def test_console_script_module_entry_point_reports_config_errors():
+    out = subprocess.run([sys.executable, "-m", "megamix", "plan", "--set", "parallel.tp=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "parallel.tp" in out.stderr

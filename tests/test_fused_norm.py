@@ -1,0 +1,263 @@
+"""fused_add_norm / norm on CPU: both implementations (the PyTorch path the CPU uses and the
+megamix::add_norm_* operators whose CUDA kernels live in csrc/) against the SPEC formulas written
+out independently here in fp64, gradcheck, torch.compile, and the dispatch switch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from megamix.ops import fused_norm as fn
+
+KINDS = ["rms", "layer"]
+EPS = 1e-6
+
+
+def formula(x, residual, weight, bias, eps, kind, scale):
+    """SPEC: h = x + residual; RMS: h / sqrt(mean(h²) + eps); LayerNorm: (h - μ) / sqrt(σ² + eps)
+    with the biased variance; then (· weight + bias) · scale.  fp64 throughout."""
+    h = x.double() if residual is None else x.double() + residual.double()
+    n = h.shape[-1]
+    if kind == "rms":
+        centered = h
+        var = (h * h).sum(-1, keepdim=True) / n
+    else:
+        mu = h.sum(-1, keepdim=True) / n
+        centered = h - mu
+        var = (centered * centered).sum(-1, keepdim=True) / n
+    out = centered / torch.sqrt(var + eps) * weight.double()
+    if bias is not None:
+        out = out + bias.double()
+    return out * scale, h
+
+
+def make(shape, dtype=torch.float64, bias=True, residual=True, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+
+    def t(*s, mean=0.0, std=1.0):
+        v = (torch.randn(*s, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+        return v.requires_grad_(requires_grad)
+
+    x = t(*shape, mean=0.3)
+    r = t(*shape, std=2.0) if residual else None
+    w = t(hidden, mean=1.0, std=0.2)
+    b = t(hidden, std=0.1) if bias else None
+    return x, r, w, b
+
+
+IMPLS = {"reference": fn.add_norm_reference, "op": fn.add_norm_op}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 1 / 3**0.5])
+def test_matches_formula_fp64(impl, kind, residual, bias, scale):
+    x, r, w, b = make((2, 3, 37), bias=bias, residual=residual)
+    y, s = IMPLS[impl](x, r, w, b, EPS, kind, scale)
+    want_y, want_s = formula(x, r, w, b, EPS, kind, scale)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    assert y.dtype == s.dtype == torch.float64
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("hidden", [1, 7, 64, 1000])
+def test_public_functions_and_odd_hidden_sizes(impl, kind, hidden, monkeypatch):
+    # fused_add_norm/norm on CPU run the PyTorch path; run the op path through them too.
+    if impl == "op":
+        monkeypatch.setattr(fn, "add_norm_reference", fn.add_norm_op)
+    x, r, w, b = make((5, hidden), dtype=torch.float32)
+    y, s = fn.fused_add_norm(x, r, w, b, eps=EPS, kind=kind, scale=0.5)
+    want_y, want_s = formula(x, r, w, b, EPS, kind, 0.5)
+    torch.testing.assert_close(y, want_y.float(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s, want_s.float())
+    y_norm = fn.norm(x, w, eps=EPS, kind=kind)
+    torch.testing.assert_close(y_norm, formula(x, None, w, None, EPS, kind, 1.0)[0].float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_rounds_sum_then_normalizes_in_fp32(impl, dtype, kind):
+    x, r, w, b = make((4, 6, 96), dtype=dtype)
+    y, s = IMPLS[impl](x, r, w, b, EPS, kind, 0.7)
+    assert y.dtype == s.dtype == dtype
+    # s is the sum rounded once to the stream dtype; y normalizes that rounded s.
+    torch.testing.assert_close(s, (x.double() + r.double()).to(dtype), rtol=0, atol=0)
+    want_y = formula(s, None, w, b, EPS, kind, 0.7)[0]
+    # half types: the final rounding dominates; fp32: a few ulps of fp32 accumulation
+    ulps = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 16}[dtype]
+    err = (y.double() - want_y).abs()
+    assert (err <= ulps * torch.finfo(dtype).eps * (1 + want_y.abs())).all(), err.max()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("res_dtype", [torch.bfloat16, torch.float32])
+def test_residual_stream_in_fp32(impl, res_dtype):
+    x, _, w, _ = make((3, 40), dtype=torch.bfloat16, bias=False)
+    r = make((3, 40), seed=1)[0].to(res_dtype)
+    y, s = IMPLS[impl](x, r, w, None, EPS, "rms", 1.0, residual_in_fp32=True)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    torch.testing.assert_close(s, (x.double() + r.double()).float(), rtol=0, atol=0)
+    want_y = formula(s, None, w, None, EPS, "rms", 1.0)[0]
+    torch.testing.assert_close(y.double(), want_y, rtol=8e-3, atol=8e-3)
+    # without the flag, bf16 + fp32 promotes like torch does
+    assert IMPLS[impl](x, r, w, None, EPS, "rms", 1.0)[1].dtype == torch.promote_types(x.dtype, res_dtype)
+    # residual_in_fp32 without a residual returns x in fp32 as the stream
+    assert IMPLS[impl](x, None, w, None, EPS, "rms", 1.0, True)[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("residual,bias", [(True, True), (False, False), (True, False)])
+def test_gradcheck_fp64(impl, kind, residual, bias):
+    x, r, w, b = make((3, 9), residual=residual, bias=bias, requires_grad=True)
+    inputs = [t for t in (x, r, w, b) if t is not None]
+
+    def f(*args):
+        it = iter(args)
+        xx, rr = next(it), next(it) if residual else None
+        ww, bb = next(it), next(it) if bias else None
+        return IMPLS[impl](xx, rr, ww, bb, EPS, kind, 0.8)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("uses", ["both", "y", "s"])
+def test_op_backward_matches_formula(dtype, kind, uses):
+    """Incoming gradients of y and s (the next layer's residual) both reach x and residual."""
+    x, r, w, b = make((6, 72), dtype=dtype, requires_grad=True)
+    y, s = fn.add_norm_op(x, r, w, b, EPS, kind, 0.6)
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    ds = torch.randn(s.shape, generator=g).to(dtype)
+    outs, grads = {"both": ((y, s), (dy, ds)), "y": ((y,), (dy,)), "s": ((s,), (ds,))}[uses]
+    torch.autograd.backward(outs, grads)
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    want_y, want_s = formula(*leaves[:2], *leaves[2:], EPS, kind, 0.6)
+    want_outs = {"both": (want_y, want_s), "y": (want_y,), "s": (want_s,)}[uses]
+    torch.autograd.backward(want_outs, [gr.double() for gr in grads])
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for got, want in zip((x, r, w, b), leaves):
+        if want.grad is None:  # y unused: no gradient reaches weight and bias
+            assert got.grad is None
+            continue
+        assert got.grad.dtype == got.dtype
+        atol = tol * want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=atol)
+
+
+def test_op_handles_non_contiguous_3d_and_empty_inputs():
+    x, r, w, _ = make((4, 16, 3))
+    xt = x.transpose(0, 2)  # (3, 16, 4), non-contiguous
+    rt = r.transpose(0, 2)
+    w4 = w.new_ones(4)
+    y, s = fn.add_norm_op(xt, rt, w4, None, EPS, "layer", 1.0)
+    torch.testing.assert_close(y, formula(xt, rt, w4, None, EPS, "layer", 1.0)[0])
+    empty = x.new_empty(0, 8)
+    y, s = fn.add_norm_op(empty, empty, x.new_ones(8), None, EPS, "rms", 1.0)
+    assert y.shape == s.shape == (0, 8)
+
+
+def test_op_fake_and_meta_shapes():
+    x = torch.empty(2, 5, 24, device="meta", dtype=torch.bfloat16)
+    r = torch.empty(2, 5, 24, device="meta", dtype=torch.float32)
+    w = torch.empty(24, device="meta")
+    y, s, mean, rstd = torch.ops.megamix.add_norm_fwd(x, r, w, None, EPS, False, 1.0, False)
+    assert (y.shape, y.dtype, s.dtype, mean.shape, rstd.shape) == (
+        x.shape, torch.bfloat16, torch.float32, (10,), (10,))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck(residual):
+    x, r, w, b = make((3, 20), dtype=torch.float32, residual=residual, requires_grad=True)
+    torch.library.opcheck(torch.ops.megamix.add_norm_fwd.default, (x, r, w, b, EPS, False, 0.5, False))
+    s = (x + r if residual else x).detach()
+    rows = s.shape[0]
+    args = (torch.randn_like(x), torch.randn_like(s) if residual else None, s, w.detach(),
+            s.new_zeros(rows), s.new_ones(rows), False, 0.5, True, torch.float32)
+    torch.library.opcheck(torch.ops.megamix.add_norm_bwd.default, args)
+
+
+def test_compile_fullgraph_op_and_reference_paths():
+    x, r, w, b = make((4, 32), dtype=torch.float32, requires_grad=True)
+
+    def block(x, r, w, b):
+        y, s = fn.add_norm_op(x, r, w, b, EPS, "rms", 0.5)  # the path CUDA tensors take
+        z, _ = fn.fused_add_norm(y, None, w, b, eps=EPS, kind="layer")  # dispatch + PyTorch path
+        return (z * s).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled(x, r, w, b).backward()
+    got = [t.grad.clone() for t in (x, r, w, b)]
+    for t in (x, r, w, b):
+        t.grad = None
+    block(x, r, w, b).backward()
+    for g, t in zip(got, (x, r, w, b)):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_dispatch_switch_and_logging(monkeypatch, caplog):
+    monkeypatch.setattr(fn, "_cuda_kernels", (True, "a stub extension"))
+    monkeypatch.setattr(fn, "_logged", set())
+    monkeypatch.delenv("MEGAMIX_DISABLE_FUSED", raising=False)
+    with caplog.at_level(logging.INFO, logger=fn.__name__):
+        assert fn._use_kernels("cuda")
+        assert fn._use_kernels("cuda")
+        monkeypatch.setenv("MEGAMIX_DISABLE_FUSED", "1")
+        assert not fn._use_kernels("cuda")
+        assert not fn._use_kernels("cpu")
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert messages == [
+        "fused_norm: CUDA kernels, a stub extension",
+        "fused_norm: PyTorch reference path (MEGAMIX_DISABLE_FUSED=1)",
+        "fused_norm: PyTorch reference path for cpu tensors",
+    ]
+    monkeypatch.setattr(fn, "_cuda_kernels", (False, "no CUDA device"))
+    monkeypatch.delenv("MEGAMIX_DISABLE_FUSED")
+    assert not fn._use_kernels("cuda")
+
+
+def test_kernels_take_fp32_fp16_bf16_and_an_fp32_residual_stream():
+    def t(dtype, shape=(2, 8)):
+        return torch.zeros(shape, dtype=dtype)
+
+    bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    assert fn.kernel_supports(t(bf16), t(bf16), t(f32, (8,)), None)
+    assert fn.kernel_supports(t(bf16), t(f32), t(bf16, (8,)), t(bf16, (8,)))
+    assert fn.kernel_supports(t(f16), None, t(f16, (8,)), None)
+    assert not fn.kernel_supports(t(f64), None, t(f64, (8,)), None)  # gradcheck dtype
+    assert not fn.kernel_supports(t(bf16), t(f16), t(f32, (8,)), None)  # promotes to fp32
+    assert not fn.kernel_supports(t(f32), t(bf16), t(f32, (8,)), None)
+    assert not fn._kernels_apply(t(f32), None, t(f32, (8,)), None)  # a CPU tensor
+
+
+def test_unknown_kind_is_rejected():
+    x, r, w, _ = make((3, 24), dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        fn.fused_add_norm(x, r, w, kind="batch")
+
+
+def test_benchmark_cpu_smoke_prints_a_table(capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_norm.py"
+    spec = importlib.util.spec_from_file_location("fused_norm_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    bench.main(["--cpu-smoke", "--kind", "layer", "--dtype", "bf16"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| layer")]
+    assert len(rows) == 4  # 2 hidden sizes x (fwd, fwd+bwd)
+    assert all(cell.strip() for row in rows for cell in row.split("|")[1:-1])

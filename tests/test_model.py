@@ -1,0 +1,197 @@
+"""The model against independent references: SPEC.md's formulas written out by hand here, and
+Hugging Face's LlamaForCausalLM for the Pre-LN LLaMA and its parameter counts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamix.config import load_config, validate
+from megamix.model import Block, Transformer, num_parameters
+
+torch.manual_seed(0)
+
+
+def per_layer_params(h, i, kv=None):
+    kv = h if kv is None else kv
+    return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; SwiGLU; two norms
+
+
+@pytest.mark.parametrize("name,hidden,inter,layers,expected", [
+    ("llama_7b", 4096, 11008, 32, 6_738_415_616),
+    ("llama_1b", 2048, 5461, 24, None),
+    ("llama_71m", 512, 1368, 12, None),
+])
+def test_paper_configs_count_the_spec_parameters(name, hidden, inter, layers, expected):
+    by_formula = layers * per_layer_params(hidden, inter) + 2 * 32000 * hidden + hidden
+    if expected is not None:
+        assert by_formula == expected  # SPEC.md: 32 × 202,383,360 + 2 × 131,072,000 + 4,096
+    cfg = validate(load_config(f"configs/{name}.yaml"))
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.norm)
+    assert num_parameters(model) == by_formula
+
+
+def test_parameter_count_matches_transformers_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5461, num_hidden_layers=24,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        reference = LlamaForCausalLM(hf)
+        ours = Transformer(*_cfg(["model.hidden_size=2048", "model.intermediate_size=5461", "model.num_layers=24",
+                                  "model.num_heads=32", "model.num_kv_heads=8"]))
+    assert num_parameters(ours) == sum(p.numel() for p in reference.parameters())
+
+
+def _cfg(overrides):
+    cfg = validate(load_config(None, ["data.seq_len=8", *overrides]))
+    return cfg.model, cfg.norm
+
+
+def rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def ln(x, w, b, eps=1e-6):
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def attention_ref(block, x, cos, sin):
+    """Causal multi-head attention with GQA, written independently of the model's code."""
+    a = block.attention
+    b, s, h = x.shape
+    hd = a.head_dim
+    q = (x @ a.q_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
+    k = (x @ a.k_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
+    v = (x @ a.v_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
+
+    def rot(t):  # pairs dimension j with j + hd/2 (the Hugging Face Llama layout)
+        t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    q, k = rot(q), rot(k)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h)
+    return y @ a.o_proj.weight.T
+
+
+def mlp_ref(block, x):
+    m = block.mlp
+    return (F.silu(x @ m.gate_proj.weight.T) * (x @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+
+
+def block_ref(block, x, cos, sin, kind, layer_index, norm_type="rmsnorm", a=None):
+    """SPEC.md's table, per sublayer F."""
+    def N(name, t, scale=1.0):
+        n = getattr(block, name)
+        out = rms(t, n.weight) if norm_type == "rmsnorm" else ln(t, n.weight, n.bias)
+        return out * scale
+
+    attn = lambda t: attention_ref(block, t, cos, sin)  # noqa: E731
+    mlp = lambda t: mlp_ref(block, t)  # noqa: E731
+    for F_, norm, out_norm in ((attn, "attention_norm", "attention_out_norm"), (mlp, "mlp_norm", "mlp_out_norm")):
+        if kind == "pre":
+            x = x + F_(N(norm, x))
+        elif kind == "post":
+            x = N(norm, x + F_(x))
+        elif kind == "lns":
+            x = x + F_(N(norm, x) / math.sqrt(layer_index + 1))
+        elif kind == "peri":
+            x = x + N(out_norm, F_(N(norm, x)))
+        elif kind == "deepnorm":
+            x = N(norm, a * x + F_(x))
+    return x
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize(
+    "kind,layer_index", [("pre", 0), ("post", 0), ("lns", 0), ("lns", 3), ("peri", 2), ("deepnorm", 1)]
+)
+def test_block_follows_the_spec_formula(kind, layer_index, norm_type):
+    model_cfg, norm_cfg = _cfg(["model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
+                                "model.intermediate_size=48", "model.num_layers=4", "model.max_seq_len=16",
+                                f"norm.type={norm_type}"])
+    block = Block(model_cfg, norm_cfg, layer_index, kind).double()
+    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+        for p in block.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    from megamix.model.llama import rope_tables
+    cos, sin = (t[:10].double() for t in rope_tables(8, 16, 10000.0))
+    a = (2 * 4) ** 0.25
+    expected = block_ref(block, x, cos, sin, kind, layer_index, norm_type, a)
+    torch.testing.assert_close(block(x, cos, sin), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_post_ln_layer_output_is_normalized_and_pre_ln_is_not():
+    model_cfg, norm_cfg = _cfg(["model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=48",
+                                "model.num_layers=2", "model.max_seq_len=16"])
+    x = 5 * torch.randn(2, 8, 32)
+    from megamix.model.llama import rope_tables
+    cos, sin = (t[:8] for t in rope_tables(8, 16, 10000.0))
+    post = Block(model_cfg, norm_cfg, 0, "post")(x, cos, sin)
+    pre = Block(model_cfg, norm_cfg, 0, "pre")(x, cos, sin)
+    torch.testing.assert_close(post.pow(2).mean(-1), torch.ones(2, 8), rtol=1e-4, atol=1e-4)
+    assert (pre.pow(2).mean(-1) - 1).abs().max() > 1
+
+
+def test_lns_scales_each_layers_norm_by_one_over_sqrt_layer():
+    model_cfg, norm_cfg = _cfg(["model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=48",
+                                "model.num_layers=8", "norm.scheme=lns"])
+    model = Transformer(model_cfg, norm_cfg)
+    for i, block in model.layers.items():
+        assert block.attention_norm.scale == block.mlp_norm.scale == pytest.approx(1 / math.sqrt(int(i) + 1))
+    assert model.norm.scale == 1.0
+
+
+def test_pre_ln_model_equals_transformers_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_cfg, norm_cfg = _cfg(["model.vocab_size=100", "model.hidden_size=32", "model.num_heads=4",
+                                "model.num_kv_heads=2", "model.intermediate_size=48", "model.num_layers=3",
+                                "model.max_seq_len=64"])
+    ours = Transformer(model_cfg, norm_cfg).eval()
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                                      max_position_embeddings=64, tie_word_embeddings=False)).eval()
+    names = {"attention.": "self_attn.", "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    state = {}
+    for k, v in ours.state_dict().items():
+        hk = k if k.startswith("lm_head") else "model." + k
+        for a, b in names.items():
+            hk = hk.replace(a, b)
+        state[hk] = v
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    tokens = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Transformer(*_cfg(["model.hidden_size=32", "model.num_heads=4", "model.num_layers=2",
+                               "model.tie_embeddings=true"]))
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_init_follows_spec_std_and_deepnorm_gain():
+    model = Transformer(*_cfg(["model.vocab_size=4000", "model.hidden_size=256", "model.num_heads=4",
+                               "model.intermediate_size=512", "model.num_layers=2",
+                               "norm.layers=[pre, deepnorm]"]))
+    assert model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.layers["0"].attention.o_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(model.layers["0"].attention_norm.weight == 1)
+    # xavier-normal: std = gain·sqrt(2 / (fan_in + fan_out)), gain (8L)^-1/4 on v, o, MLP; 1 on q, k
+    gain = (8 * 2) ** -0.25
+    up = model.layers["1"].mlp.up_proj.weight
+    assert up.std().item() == pytest.approx(gain * math.sqrt(2 / (256 + 512)), rel=0.05)
+    q = model.layers["1"].attention.q_proj.weight
+    assert q.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
