@@ -1,4 +1,4 @@
-"""``megamix train|plan|evaluate``: the command line (also ``python -m megamix``)."""
+"""``megamix train|plan|evaluate|eval``: the command line (also ``python -m megamix``)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,35 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = validate(load_config(args.config, args.overrides), world_size=1, for_training=True)
+    import os
+
+    from megamix.parallel.mesh import check_layout, init_distributed
+
+    cfg = load_config(args.config, args.overrides)
+    # The whole config is checked against the launch's world size before any process group starts.
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    validate(cfg, for_training=True)
+    init_distributed(cfg.parallel.timeout_s)
     from megamix.train.trainer import Trainer
 
     Trainer(cfg).run()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a failing rank exits without this; torchrun then stops the others
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     validate(cfg)
-    from megamix.plan import format_plan, make_plan
+    from megamix.plan import format_plan, format_survey, make_plan, survey_layouts
 
+    if args.world_size:
+        layouts = survey_layouts(cfg, args.world_size)
+        print(json.dumps(layouts, indent=1) if args.json else format_survey(layouts, args.world_size))
+        return 0
     plan = make_plan(cfg)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
@@ -52,6 +69,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megamix.hf.harness import evaluate
+
+    try:
+        report = evaluate(
+            [t.strip() for t in args.tasks.split(",") if t.strip()], checkpoint=args.checkpoint, export=args.hf,
+            tokenizer=args.tokenizer, text=args.text, compare=args.compare, batch_size=args.batch_size,
+            max_length=args.max_length, limit=args.limit, device=args.device,
+        )
+    except ValueError as e:
+        print(f"megamix eval: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for task, metrics in report["lm_eval"].items():
+        for key, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in key:
+                print(f"lm-eval  {task}  {key.removesuffix(',none')}: {value:.6g}")
+    for key, value in report.get("megamix", {}).items():
+        print(f"megamix  {key}: {value:.6g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamix", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-layer placement, per-rank parameters and memory")
     _add_config_args(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--world-size", type=int, default=None, metavar="N",
+                      help="list the valid tp/pp/dp layouts of N GPUs with their memory per GPU")
     plan.set_defaults(func=cmd_plan)
     evaluate = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint on a .bin/.idx corpus")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory (latest checkpoint)")
@@ -70,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+    lm_eval = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint (exported on the fly) or an export")
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; megamix_text_perplexity "
+                         "is the offline perplexity of --text")
+    lm_eval.add_argument("--checkpoint", help="checkpoint or run directory (needs --tokenizer unless --hf is given)")
+    lm_eval.add_argument("--tokenizer", help="the SentencePiece .model or HF tokenizer the model was trained with")
+    lm_eval.add_argument("--hf", help="an existing export (tools/convert_to_hf.py) instead of exporting --checkpoint")
+    lm_eval.add_argument("--text", help="JSON lines with a 'text' field (.gz too), or a .txt file as one document")
+    lm_eval.add_argument("--compare", action="store_true", help="also compute the text task's perplexities with "
+                         "megamix's own model and tokenizer (needs --checkpoint)")
+    lm_eval.add_argument("--batch-size", type=int, default=1)
+    lm_eval.add_argument("--max-length", type=int, default=None, help="window; default: model.max_seq_len")
+    lm_eval.add_argument("--limit", type=int, default=None, help="documents per task")
+    lm_eval.add_argument("--device", default="cpu")
+    lm_eval.add_argument("--json", action="store_true")
+    lm_eval.set_defaults(func=cmd_eval)
     return parser
 
 

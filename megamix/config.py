@@ -24,6 +24,11 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 SCHEMES = ("pre", "post", "mix", "lns", "peri", "deepnorm")
 LAYER_KINDS = ("pre", "post", "lns", "peri", "deepnorm")  # what an explicit norm.layers entry may be
 ENGINES = ("fsdp2", "deepspeed")
+OFFLOADS = ("none", "cpu", "nvme")
+# DeepSpeed keys the trainer derives from train.* and must own: the batch arithmetic decides which
+# samples each rank reads, and the optimizer and schedule are megamix's (train.lr, lr_schedule, ...).
+DEEPSPEED_RESERVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                           "optimizer", "scheduler")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16")
@@ -107,6 +112,12 @@ class ParallelConfig:
     stage_layers: list[int] | None = None  # layers per pipeline stage; None: balanced
     sequence_parallel: bool = False
     activation_checkpoint: str = "none"
+    timeout_s: float = 1800.0  # how long a collective may wait before the run fails
+    # DeepSpeed only (engine: deepspeed): where ZeRO keeps optimizer states (and, under ZeRO-3,
+    # parameters) between steps, and extra DeepSpeed config keys merged last over the generated ones.
+    offload: str = "none"  # none | cpu | nvme
+    offload_path: str | None = None  # the NVMe directory, for offload: nvme
+    deepspeed: dict | None = None
 
 
 @dataclass
@@ -139,6 +150,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_steps: int = 10
     save_interval: int = 0  # 0: only at the end
+    async_save: bool = False  # write checkpoints in the background (committed before the next one)
     output_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
@@ -192,6 +204,10 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}")
         (item,) = typing.get_args(hint) or (Any,)
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return value
     if hint is list:
         if not isinstance(value, list):
             raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}")
@@ -333,6 +349,38 @@ def parse_split(split: str) -> tuple[float, float]:
     return parts[0] / total, parts[1] / total
 
 
+def _validate_deepspeed(p: ParallelConfig) -> None:
+    """The DeepSpeed engine's fields, and the layouts it cannot run: it shards plain parameters over
+    data-parallel ranks only (no DTensor, so no tp; its ZeRO does not compose with our pipeline
+    schedules), so everything else stays with FSDP2."""
+    _choice("parallel.offload", p.offload, OFFLOADS)
+    if p.engine != "deepspeed":
+        if p.offload != "none":
+            raise ConfigError("parallel.offload", "offloading to cpu or nvme needs parallel.engine: deepspeed")
+        if p.deepspeed:
+            raise ConfigError("parallel.deepspeed", "DeepSpeed keys need parallel.engine: deepspeed")
+        return
+    if p.zero not in (1, 2, 3):
+        raise ConfigError("parallel.zero", "parallel.engine: deepspeed runs ZeRO stages 1, 2 and 3 (1: optimizer "
+                          "states sharded, 2: and gradients, 3: and parameters); for zero 0 use fsdp2")
+    if p.tp > 1:
+        raise ConfigError("parallel.tp", "DeepSpeed cannot shard tensor-parallel (DTensor) parameters; "
+                          "use parallel.engine: fsdp2 for tp > 1")
+    if p.pp > 1:
+        raise ConfigError("parallel.pp", "DeepSpeed's ZeRO does not compose with megamix's pipeline schedules; "
+                          "use parallel.engine: fsdp2 for pp > 1")
+    if p.offload == "nvme":
+        if p.zero != 3:
+            raise ConfigError("parallel.offload", "NVMe offload (ZeRO-Infinity) needs parallel.zero: 3; "
+                              "ZeRO-1/2 offload to cpu")
+        if not p.offload_path:
+            raise ConfigError("parallel.offload_path", "offload: nvme needs a directory on the NVMe drive")
+    for key in p.deepspeed or {}:
+        if key in DEEPSPEED_RESERVED_KEYS:
+            raise ConfigError(f"parallel.deepspeed.{key}", "set by megamix from train.* (batch sizes, AdamW, "
+                              "learning-rate schedule); change those instead")
+
+
 def validate(cfg: Config, world_size: int | None = None, for_training: bool = False) -> Config:
     """Check the whole config; fill in derived values (``parallel.dp``) when the world size is known."""
     m, n, p, d, t = cfg.model, cfg.norm, cfg.parallel, cfg.data, cfg.train
@@ -369,6 +417,7 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
 
     for name in ("tp", "pp", "virtual_stages"):
         _positive(f"parallel.{name}", getattr(p, name))
+    _positive("parallel.timeout_s", p.timeout_s)
     if p.dp is not None:
         _positive("parallel.dp", p.dp)
     _choice("parallel.engine", p.engine, ENGINES)
@@ -379,12 +428,13 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if p.engine == "fsdp2" and p.zero == 1:
         raise ConfigError("parallel.zero", "ZeRO-1 (optimizer sharding only) needs parallel.engine: deepspeed; "
                           "with fsdp2 use zero 0, 2 or 3")
+    _validate_deepspeed(p)
     if m.num_heads % p.tp:
         raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_heads {m.num_heads}")
     if m.kv_heads % p.tp:
         raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_kv_heads {m.kv_heads}")
-    if p.schedule != "interleaved_1f1b" and p.virtual_stages != 1:
-        raise ConfigError("parallel.virtual_stages", "only the interleaved_1f1b schedule uses virtual stages")
+    if p.schedule not in ("interleaved_1f1b", "zero_bubble") and p.virtual_stages != 1:
+        raise ConfigError("parallel.virtual_stages", "only the interleaved_1f1b and zero_bubble schedules use virtual stages")
     num_stages = p.pp * p.virtual_stages
     if p.stage_layers is not None:
         if len(p.stage_layers) != num_stages or any(k <= 0 for k in p.stage_layers):

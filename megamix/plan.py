@@ -1,21 +1,33 @@
 """``megamix plan``: what a config builds and what it costs per rank, without allocating it.
 
-The model is built on the meta device, so the 7B plan runs on a laptop.  Per-rank parameter
-counts follow the Megatron sharding plan (q/k/v/gate/up column-wise and o/down row-wise over
-``tp``, embedding and head vocab-parallel, norms replicated) and the pipeline split.  Memory is an
-estimate per rank: weights, gradients and Adam states under the ZeRO stage, and activations of
-the micro-batches a pipeline schedule keeps in flight.
+The per-rank shapes are real: for every (pipeline, tensor) rank the plan builds that rank's stage on
+the meta device and applies the same tensor-parallel sharding the trainer applies, inside a fake
+process group of the layout's world size, so the 7B plan runs on a laptop and cannot drift from the
+trainer.  Memory is an estimate per rank: weights, gradients and Adam states under the ZeRO stage,
+and activations of the micro-batches a pipeline schedule keeps in flight.
+
+``megamix plan --world-size N`` lists every valid ``(tp, pp, dp)`` layout of N GPUs for the config
+with the estimated memory per GPU (counting parameters per rank arithmetically; the tests check
+that count against the real build).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from megamix.config import Config
+from megamix.config import Config, ConfigError
 from megamix.model import Transformer, num_parameters
+from megamix.parallel.mesh import ParallelMesh, check_layout
+from megamix.parallel.pipeline import keep_stage, stages_of_rank
 from megamix.parallel.stages import stage_of_layers, stage_to_rank
+from megamix.parallel.tensor_parallel import apply_tensor_parallel, is_tensor_parallel
 
 GiB = 2**30
 TP_SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
@@ -27,24 +39,79 @@ class RankParams:
     owned: int  # the same, counting replicated norms only on tp rank 0: sums to the total
 
 
-def _module_params(model: Transformer) -> list[tuple[str, int, bool]]:
-    """(name, numel, sharded over tp) for every distinct parameter."""
-    seen, out = set(), []
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        out.append((name, p.numel(), any(f"{k}." in name for k in TP_SHARDED)))
-    return out
+# ----------------------------------------------------------------------------------------------
+# Real per-rank shapes: the trainer's own stage split and tensor-parallel plan, on meta tensors.
+
+
+@contextlib.contextmanager
+def _fake_world(rank: int, world_size: int):
+    """A process group whose collectives do nothing, to run the sharding code as one rank."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("megamix plan builds its own (fake) process group; run it outside torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_shapes(cfg: Config, full: Transformer, pp_rank: int, tp_rank: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """``{name: (local shape, sharded over tp)}`` of every parameter pipeline rank ``pp_rank``,
+    tensor rank ``tp_rank`` holds (before ZeRO divides them over ``dp``)."""
+    p = cfg.parallel
+    num_stages = p.pp * p.virtual_stages
+    rank = pp_rank * p.tp + tp_rank  # dp rank 0: the mesh order is (pp, dp, tp)
+    shapes = {}
+    with _fake_world(rank, p.pp * p.tp):
+        mesh = ParallelMesh(p.pp, 1, p.tp, "cpu")
+        for stage in stages_of_rank(pp_rank, p.pp, p.virtual_stages):
+            module = keep_stage(copy.deepcopy(full), stage, num_stages, p.stage_layers)
+            if p.tp > 1:
+                apply_tensor_parallel(module, mesh.tp_mesh, p.sequence_parallel)
+            for name, param in module.named_parameters():
+                local = param.to_local() if isinstance(param, DTensor) else param
+                shapes[name] = (tuple(local.shape), is_tensor_parallel(param, mesh.tp_mesh))
+    return shapes
+
+
+def built_params_per_rank(cfg: Config, full: Transformer) -> tuple[dict, dict]:
+    """Parameters per (pipeline rank, tensor rank) from the real sharded build, and the shapes."""
+    out, shapes = {}, {}
+    for pp_rank in range(cfg.parallel.pp):
+        for tp_rank in range(cfg.parallel.tp):
+            local = rank_shapes(cfg, full, pp_rank, tp_rank)
+            held = sum(_numel(shape) for shape, _ in local.values())
+            owned = sum(_numel(shape) for shape, sharded in local.values() if sharded or tp_rank == 0)
+            out[(pp_rank, tp_rank)] = RankParams(held, owned)
+            shapes[(pp_rank, tp_rank)] = local
+    return out, shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Arithmetic per-rank counts (fast; used to survey many layouts).
 
 
 def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], RankParams]:
-    """Parameters per (pipeline rank, tensor rank)."""
+    """Parameters per (pipeline rank, tensor rank), by the Megatron plan's rules."""
     p = cfg.parallel
     num_stages = p.pp * p.virtual_stages
     layer_stage = stage_of_layers(cfg.model.num_layers, num_stages, p.stage_layers)
     out = {(pp, tp): RankParams(0, 0) for pp in range(p.pp) for tp in range(p.tp)}
-    for name, numel, sharded in _module_params(model):
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        sharded = any(f"{k}." in name for k in TP_SHARDED)
         if name.startswith("layers."):
             stage = layer_stage[int(name.split(".")[1])]
         elif name.startswith("embed_tokens"):
@@ -53,10 +120,14 @@ def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], Ra
             stage = num_stages - 1
         pp_rank = stage_to_rank(stage, p.pp)
         for tp_rank in range(p.tp):
-            share = numel // p.tp if sharded else numel
+            share = param.numel() // p.tp if sharded else param.numel()
             out[(pp_rank, tp_rank)].held += share
             out[(pp_rank, tp_rank)].owned += share if sharded or tp_rank == 0 else 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory.
 
 
 def activation_bytes(cfg: Config, pp_rank: int, layers_on_rank: int, has_head: bool) -> float:
@@ -69,8 +140,8 @@ def activation_bytes(cfg: Config, pp_rank: int, layers_on_rank: int, has_head: b
     # attention output, the mid-block residual, and the four SwiGLU intermediates.
     per_layer = (7 * m.hidden_size + 3 * kv + 4 * m.intermediate_size) / p.tp * tokens * dtype_bytes
     if p.activation_checkpoint == "full":
-        block_inputs = layers_on_rank * m.hidden_size / (p.tp if p.sequence_parallel else 1) * tokens * dtype_bytes
-        stored = block_inputs + per_layer  # the saved inputs, and one layer recomputed at a time
+        block_input = m.hidden_size / (p.tp if p.sequence_parallel else 1) * tokens * dtype_bytes
+        stored = layers_on_rank * block_input + per_layer
     elif p.activation_checkpoint == "selective":
         stored = (layers_on_rank / 2) * per_layer + per_layer
     else:
@@ -84,38 +155,71 @@ def activation_bytes(cfg: Config, pp_rank: int, layers_on_rank: int, has_head: b
 
 
 def memory_per_rank(cfg: Config, held: int, pp_rank: int, layers_on_rank: int, has_head: bool) -> dict[str, float]:
-    """Estimated bytes per rank by component (GiB)."""
+    """Estimated peak bytes per rank by component (GiB), with FSDP2's semantics.
+
+    fp32 master weights, gradients and Adam's two moments are divided over ``dp`` by ZeRO 2 and 3.
+    Compute copies come on top: under ZeRO 2 every block stays gathered from its forward to its
+    backward (the whole stage at the end of the forward), under ZeRO 3 only the block running (and
+    the next, prefetched); without sharding, bf16 copies are made by autocast for the whole stage.
+    """
     p, t = cfg.parallel, cfg.train
+    if p.engine == "deepspeed":
+        return deepspeed_memory(cfg, held, layers_on_rank, activation_bytes(cfg, pp_rank, layers_on_rank, has_head))
     dp = p.dp or 1
-    mixed = t.precision == "bf16"
-    weights = held * 4 + (held * 2 if mixed else 0)  # fp32 master (+ bf16 compute copy)
-    grads = held * 4
-    optim = held * 8  # Adam's two fp32 moments
-    if p.zero >= 1:
-        optim /= dp
-    if p.zero >= 2:
-        grads /= dp
-    if p.zero >= 3:
-        weights /= dp
+    compute_bytes = 2 if t.precision == "bf16" else 4
+    sharded = p.zero >= 2 and dp > 1
+    master = held * 4 / (dp if sharded else 1)
+    if not sharded:
+        gathered = held * 2 if t.precision == "bf16" else 0
+    elif p.zero == 2:
+        gathered = held * compute_bytes
+    else:
+        gathered = held * compute_bytes * min(1.0, 2 / max(1, layers_on_rank))
+    grads = held * 4 / (dp if sharded else 1)
+    optim = held * 8 / (dp if sharded else 1)
     act = activation_bytes(cfg, pp_rank, layers_on_rank, has_head)
-    parts = {"weights": weights, "grads": grads, "optimizer": optim, "activations": act}
+    parts = {"weights": master + gathered, "grads": grads, "optimizer": optim, "activations": act}
     parts["total"] = sum(parts.values())
     return {k: v / GiB for k, v in parts.items()}
 
 
-def make_plan(cfg: Config) -> dict:
-    """Everything ``megamix plan`` prints, as a JSON-ready dict."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.norm)
+def deepspeed_memory(cfg: Config, held: int, layers_on_rank: int, activations: float) -> dict[str, float]:
+    """Estimated peak bytes per rank (GiB) under DeepSpeed (``parallel.engine: deepspeed``).
+
+    The model's parameters stay fp32 (bf16 is the trainer's autocast) and ZeRO keeps its own fp32
+    master partition beside them.  ZeRO-1 divides the master copy and Adam's moments over ``dp``,
+    ZeRO-2 also the gradients, ZeRO-3 also the parameters (gathered a block or two at a time).
+    Offload moves the master copy, the moments and the fp32 gradient partition (under ZeRO-3 also
+    the parameter partitions) off the accelerator: into ``host`` memory, or ``nvme``; ``total``
+    counts the accelerator only.
+    """
+    p = cfg.parallel
+    dp = p.dp or 1
+    params = held * 4 / (dp if p.zero == 3 else 1)
+    gathered = held * 4 * min(1.0, 2 / max(1, layers_on_rank)) if p.zero == 3 else 0.0
+    master, optim = held * 4 / dp, held * 8 / dp
+    grads = held * 4 / (dp if p.zero >= 2 else 1)
+    off = 0.0
+    if p.offload != "none":
+        off, master, optim = master + optim + held * 4 / dp, 0.0, 0.0
+        if p.zero == 3:
+            off, params = off + params, 0.0
+    parts = {"weights": params + gathered + master, "grads": grads, "optimizer": optim, "activations": activations}
+    parts["total"] = sum(parts.values())
+    parts["host"] = off if p.offload == "cpu" else 0.0
+    parts["nvme"] = off if p.offload == "nvme" else 0.0
+    return {k: v / GiB for k, v in parts.items()}
+
+
+def _rank_rows(cfg: Config, per_rank: dict[tuple[int, int], RankParams]) -> list[dict]:
     p = cfg.parallel
     num_stages = p.pp * p.virtual_stages
     layer_stage = stage_of_layers(cfg.model.num_layers, num_stages, p.stage_layers)
-    per_rank = params_per_rank(cfg, model)
-    ranks = []
+    rows = []
     for (pp_rank, tp_rank), counts in sorted(per_rank.items()):
         layers = [i for i, s in enumerate(layer_stage) if stage_to_rank(s, p.pp) == pp_rank]
         has_head = stage_to_rank(num_stages - 1, p.pp) == pp_rank
-        ranks.append({
+        rows.append({
             "pp_rank": pp_rank,
             "tp_rank": tp_rank,
             "layers": layers,
@@ -123,6 +227,31 @@ def make_plan(cfg: Config) -> dict:
             "params_owned": counts.owned,
             "memory_gib": memory_per_rank(cfg, counts.held, pp_rank, len(layers), has_head),
         })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan of one layout, and the survey of layouts.
+
+
+def _layout_world(cfg: Config) -> int:
+    p = cfg.parallel
+    return p.tp * p.pp * (p.dp or 1)
+
+
+def make_plan(cfg: Config) -> dict:
+    """Everything ``megamix plan`` prints, as a JSON-ready dict."""
+    check_layout(cfg, _layout_world(cfg))
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.norm)
+    p = cfg.parallel
+    num_stages = p.pp * p.virtual_stages
+    layer_stage = stage_of_layers(cfg.model.num_layers, num_stages, p.stage_layers)
+    per_rank, shapes = built_params_per_rank(cfg, model)
+    ranks = _rank_rows(cfg, per_rank)
+    for row in ranks:
+        local = shapes[(row["pp_rank"], row["tp_rank"])]
+        row["shapes"] = {name: list(shape) for name, (shape, _) in local.items()}
     return {
         "layers": [
             {"index": i, "norm": kind, "stage": layer_stage[i], "pp_rank": stage_to_rank(layer_stage[i], p.pp)}
@@ -131,9 +260,57 @@ def make_plan(cfg: Config) -> dict:
         "params_total": num_parameters(model),
         "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp or 1, "zero": p.zero, "engine": p.engine,
                    "virtual_stages": p.virtual_stages, "schedule": p.schedule,
+                   "sequence_parallel": p.sequence_parallel,
                    "activation_checkpoint": p.activation_checkpoint, "precision": cfg.train.precision},
         "ranks": ranks,
     }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def survey_layouts(cfg: Config, world_size: int) -> list[dict]:
+    """Every valid ``(tp, pp, dp)`` of ``world_size`` GPUs for ``cfg`` (its other parallel settings
+    kept), with the estimated memory of the fullest GPU; sorted by that memory."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.norm)
+    layouts = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            trial = copy.deepcopy(cfg)
+            trial.parallel.tp, trial.parallel.pp, trial.parallel.dp = tp, pp, None
+            trial.parallel.stage_layers = None
+            if pp == 1 or trial.parallel.schedule not in ("interleaved_1f1b", "zero_bubble"):
+                trial.parallel.virtual_stages = 1
+            try:
+                check_layout(trial, world_size)
+            except ConfigError as e:
+                layouts.append({"tp": tp, "pp": pp, "dp": world_size // (tp * pp), "valid": False, "reason": str(e)})
+                continue
+            rows = _rank_rows(trial, params_per_rank(trial, model))
+            peak = max(rows, key=lambda r: r["memory_gib"]["total"])
+            layouts.append({"tp": tp, "pp": pp, "dp": trial.parallel.dp, "valid": True,
+                            "params_per_gpu": max(r["params"] for r in rows), "memory_gib": peak["memory_gib"]})
+    return sorted(layouts, key=lambda r: (not r["valid"], r.get("memory_gib", {}).get("total", 0.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text output.
+
+
+def _shape_table(shapes: dict[str, list[int]]) -> list[str]:
+    """Local shapes with the layer index folded: one line per distinct (name, shape)."""
+    groups: dict[tuple[str, tuple], list[int]] = {}
+    for name, shape in shapes.items():
+        match = re.match(r"layers\.(\d+)\.(.*)", name)
+        key = ("layers.{}." + match.group(2), tuple(shape)) if match else (name, tuple(shape))
+        groups.setdefault(key, []).append(int(match.group(1)) if match else -1)
+    lines = []
+    for (name, shape), layers in groups.items():
+        label = name.format(f"{min(layers)}-{max(layers)}" if len(layers) > 1 else layers[0]) if "{}" in name else name
+        lines.append(f"  {label:<48} {'×'.join(map(str, shape))}")
+    return lines
 
 
 def format_plan(plan: dict) -> str:
@@ -141,7 +318,8 @@ def format_plan(plan: dict) -> str:
     for row in plan["layers"]:
         lines.append(f"{row['index']:>5}  {row['norm']:<8}  {row['stage']:>5}  {row['pp_rank']:>7}")
     lay = plan["layout"]
-    lines += ["", f"layout: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} zero={lay['zero']} ({lay['engine']}), "
+    sp = ", sequence parallel" if lay["sequence_parallel"] and lay["tp"] > 1 else ""
+    lines += ["", f"layout: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} zero={lay['zero']} ({lay['engine']}){sp}, "
               f"{lay['precision']}, activation checkpoint {lay['activation_checkpoint']}", "",
               "pp  tp  layers      params/rank   weights  grads  optim  activ.  total GiB"]
     for r in plan["ranks"]:
@@ -151,4 +329,31 @@ def format_plan(plan: dict) -> str:
             f"{r['pp_rank']:>2}  {r['tp_rank']:>2}  {span:<10}  {r['params']:>13,}  {m['weights']:7.2f}  "
             f"{m['grads']:5.2f}  {m['optimizer']:5.2f}  {m['activations']:6.2f}  {m['total']:9.2f}"
         )
+    owned = sum(r["params_owned"] for r in plan["ranks"])
+    lines.append(f"per-rank parameters, norms counted once per tensor-parallel group: {owned:,}")
+    for where in ("host", "nvme"):
+        offloaded = max(r["memory_gib"].get(where, 0.0) for r in plan["ranks"])
+        if offloaded:
+            lines.append(f"offloaded by DeepSpeed to {where} per rank (not in total): {offloaded:.2f} GiB")
+    dp_note = f", each divided over dp={lay['dp']} by ZeRO-3" if lay["zero"] >= 3 and lay["dp"] > 1 else ""
+    for r in plan["ranks"]:
+        if r["tp_rank"] == 0:
+            lines += ["", f"shapes on pipeline rank {r['pp_rank']}, tensor rank 0{dp_note}:"]
+            lines += _shape_table(r["shapes"])
+    return "\n".join(lines)
+
+
+def format_survey(layouts: list[dict], world_size: int) -> str:
+    lines = [f"layouts of {world_size} GPUs (memory of the fullest GPU, estimated)", "",
+             "  tp  pp  dp   params/GPU      weights  grads  optim  activ.  total GiB"]
+    for r in layouts:
+        if r["valid"]:
+            m = r["memory_gib"]
+            lines.append(f"  {r['tp']:>2}  {r['pp']:>2}  {r['dp']:>2}  {r['params_per_gpu']:>13,}  "
+                         f"{m['weights']:9.2f}  {m['grads']:5.2f}  {m['optimizer']:5.2f}  {m['activations']:6.2f}  "
+                         f"{m['total']:9.2f}")
+    invalid = [r for r in layouts if not r["valid"]]
+    if invalid:
+        lines += ["", "not possible:"]
+        lines += [f"  tp={r['tp']} pp={r['pp']} dp={r['dp']}: {r['reason']}" for r in invalid]
     return "\n".join(lines)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from megamix.config import load_config
 from megamix.data.indexed import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "model.vocab_size=512",
@@ -55,3 +64,49 @@ def tiny_config(tmp_path, corpus):
         return load_config(None, TINY + [f"data.path={corpus[0]}", f"train.output_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints saved by a parallel layout: one tiny run per norm scheme, trained two steps under
+# TP2·PP2 (4 CPU processes, gloo) in a single torchrun launch, shared by every test module.
+
+PARALLEL_SCHEMES = {
+    "pre": ["norm.scheme=pre"],
+    "post": ["norm.scheme=post"],
+    "mix": ["norm.scheme=mix", "norm.alpha=0.5"],
+    "lns": ["norm.scheme=lns"],
+    "peri": ["norm.scheme=peri"],
+    "deepnorm": ["norm.scheme=deepnorm"],
+}
+TP2_PP2 = ["parallel.tp=2", "parallel.pp=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_overrides(root: Path, overrides: list[str], steps: int = 2) -> list[str]:
+    """A tiny run on ``root/corpus`` into ``root/run``: ``steps`` steps, a checkpoint at the end."""
+    return TINY + [f"data.path={root / 'corpus'}", f"train.output_dir={root / 'run'}", f"train.steps={steps}",
+                   "train.eval_interval=0", *overrides]
+
+
+@pytest.fixture(scope="session")
+def tp2_pp2_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    """``{scheme: (run directory saved under TP2·PP2, the same run's overrides for one process)}``."""
+    runs, single = [], {}
+    for scheme, norm in PARALLEL_SCHEMES.items():
+        root = tmp_path_factory.mktemp(f"{scheme}_tp2pp2")
+        write_corpus(root / "corpus")
+        runs.append(run_overrides(root, norm + TP2_PP2))
+        single[scheme] = (root / "run", run_overrides(root, norm))
+    spec = tmp_path_factory.mktemp("tp2pp2_spec") / "runs.json"
+    spec.write_text(json.dumps(runs))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
+               str(ROOT / "tests" / "dist" / "train_runs.py"), str(spec)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return single

@@ -1,4 +1,9 @@
-"""``megamix.load_model``: a checkpoint of any layout → one plain single-process model."""
+"""``megamix.load_model``: a checkpoint of any layout → one plain single-process model.
+
+DCP checkpoints (FSDP2, any layout) are read by DCP; DeepSpeed checkpoints (``parallel.engine:
+deepspeed``, any ZeRO stage) by DeepSpeed's ``zero_to_fp32`` with ``weights_only`` unpickling
+(:func:`megamix.parallel.deepspeed_engine.read_full_state_dict`; needs DeepSpeed installed).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 
 from megamix.config import load_config, validate
 from megamix.model import Transformer
-from megamix.train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from megamix.train.checkpoint import CheckpointError, checkpoint_format, load_checkpoint, resolve_checkpoint
 
 
 def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
@@ -23,5 +28,10 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
     if cfg.model.tie_embeddings:  # to_empty gives each module its own new tensor
         model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()  # buffers (rotary tables); the weights come from the checkpoint
-    load_checkpoint(path, model)
+    if checkpoint_format(path) == "deepspeed":
+        from megamix.parallel.deepspeed_engine import read_full_state_dict
+
+        model.load_state_dict(read_full_state_dict(path))
+    else:
+        load_checkpoint(path, model)
     return model.eval()

@@ -49,8 +49,20 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def checkpoint_format(path: Path) -> str | None:
+    """``"dcp"`` or ``"deepspeed"`` (``parallel.engine: deepspeed``, see
+    :mod:`megamix.parallel.deepspeed_engine`) for a complete checkpoint, else None."""
+    if not (path / TRAIN_STATE).is_file():
+        return None
+    if (path / ".metadata").is_file():
+        return "dcp"
+    if (path / "deepspeed").is_dir():
+        return "deepspeed"
+    return None
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
+    return checkpoint_format(path) is not None
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -158,12 +170,47 @@ def _barrier() -> None:
         dist.barrier()
 
 
+_BACKGROUND_GROUP: list = []
+
+
+def _background_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for the background writer, so its collectives never interleave
+    with training's on the default group (created once, by every rank at the same save)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if not _BACKGROUND_GROUP:
+        _BACKGROUND_GROUP.append(dist.new_group(backend="gloo"))
+    return _BACKGROUND_GROUP[0]
+
+
 @contextlib.contextmanager
 def _quiet_dcp():
     """DCP warns that it runs without a process group; in one process that is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name, so any layout can read any other's:
+    the optimizer's state is flattened (``state.layers.3.mlp.up_proj.weight.exp_avg``) rather than
+    indexed by position, which differs between pipeline stages."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    return state
+
+
+class PendingCheckpoint:
+    """An asynchronous save in flight; :meth:`wait` commits it (on every rank, collectively)."""
+
+    def __init__(self, future: Any, commit: Any):
+        self._future, self._commit = future, commit
+
+    def wait(self) -> Path:
+        self._future.result()
+        return self._commit()
 
 
 def save_checkpoint(
@@ -173,8 +220,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     train_state: dict,
     keep: int | None = None,
-) -> Path:
-    """Save model, optimizer and training state for ``step``; returns the committed directory."""
+    extra_files: dict[str, str] | None = None,
+    async_save: bool = False,
+) -> Path | PendingCheckpoint:
+    """Save model, optimizer and training state for ``step``; returns the committed directory.
+
+    Every rank of a parallel run calls this: each writes its own shards, rank 0 the training state
+    (with its RNG state) and ``extra_files``, and after a barrier rank 0 renames the directory into
+    place.  With ``async_save`` the shards are copied to host memory and written by a background
+    thread while training goes on; the returned :class:`PendingCheckpoint` commits when waited on.
+    """
     root = Path(output_dir) / "checkpoints"
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
@@ -183,23 +238,30 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    with _quiet_dcp():
-        dcp.save(state, checkpoint_id=tmp)
+    state = _state(model, optimizer)
     rank_state = dict(train_state, rng=rng_state())
-    if _rank() == 0:
-        (tmp / TRAIN_STATE).write_text(json.dumps(rank_state, indent=1))
-    _barrier()
-    if _rank() == 0:
-        if final.exists():  # a re-save of the same step (e.g. after resuming there)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep:
-            _prune(root, keep)
-    _barrier()
-    return final
+
+    def commit() -> Path:
+        if _rank() == 0:
+            (tmp / TRAIN_STATE).write_text(json.dumps(rank_state, indent=1))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        _barrier()
+        if _rank() == 0:
+            if final.exists():  # a re-save of the same step (e.g. after resuming there)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if keep:
+                _prune(root, keep)
+        _barrier()
+        return final
+
+    with _quiet_dcp():
+        if async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=_background_group())
+            return PendingCheckpoint(future, commit)
+        dcp.save(state, checkpoint_id=tmp)
+    return commit()
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -231,9 +293,10 @@ def load_checkpoint(
     path = Path(path)
     if not _is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (missing .metadata or {TRAIN_STATE})")
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    if checkpoint_format(path) == "deepspeed":
+        raise CheckpointError(f"{path}: a DeepSpeed checkpoint; resume it with parallel.engine: deepspeed "
+                              "(megamix.load_model and the HF exporter read it too)")
+    state = _state(model, optimizer)
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # a corrupt .metadata fails here with its name, before DCP wraps it
     try:
@@ -243,5 +306,6 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     return read_train_state(path)

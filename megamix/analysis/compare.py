@@ -1,0 +1,157 @@
+"""Several runs side by side: loss curves, a final-metric table and the per-layer profiles.
+
+The papers' qualitative claims are about the *shape* of per-layer profiles (Pre-LN's deep layers get
+small gradients and change the hidden state little; Mix-LN evens this out), so besides the full
+per-layer tables the summary gives each profile as "shallow half → deep half" means, and the
+spread of the training gradient norms across layers (coefficient of variation: 0 is perfectly even).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from megamix.analysis import plots
+from megamix.analysis.report import TOKEN_DESCRIPTION
+from megamix.analysis.runs import Run, load_run, placement_summary
+
+
+def halves(values: list[float]) -> tuple[float, float]:
+    """Means of the shallower and of the deeper half of the layers (the middle layer of an odd
+    count belongs to neither)."""
+    half = len(values) // 2
+    return statistics.fmean(values[:half]), statistics.fmean(values[len(values) - half:])
+
+
+def coefficient_of_variation(values: list[float]) -> float:
+    return statistics.pstdev(values) / statistics.fmean(values)
+
+
+# The per-layer profiles a run can show, each None when the run does not have it.
+def training_grad_norms(run: Run) -> list[float] | None:
+    return run.training_grad_norms()
+
+
+def checkpoint_grad_norms(run: Run) -> list[float] | None:
+    return run.analysis["grad_norm"]["mean"] if run.analysis else None
+
+
+def angular_distances(run: Run) -> list[float] | None:
+    return run.analysis["angular_distance"]["per_layer"] if run.analysis else None
+
+
+def removal_costs(run: Run) -> list[float] | None:
+    return [r["loss_increase"] for r in run.analysis["layer_removal"]["layers"]] if run.analysis else None
+
+
+def _token_mode(runs: list[Run]) -> str:
+    modes = {run.analysis["angular_distance"]["tokens"] for run in runs if run.analysis}
+    return ", ".join(TOKEN_DESCRIPTION[m] for m in sorted(modes))
+
+
+PROFILES: dict[str, tuple[Callable[[Run], list[float] | None], str, str]] = {
+    # file stem: (profile, y label, title)
+    "grad_norms_training": (training_grad_norms, "gradient norm ‖∇W_ℓ‖",
+                            "Gradient norm per layer, mean over the logged training steps"),
+    "grad_norms_checkpoint": (checkpoint_grad_norms, "gradient norm ‖∇W_ℓ‖",
+                              "Gradient norm per layer at the analyzed checkpoint"),
+    "angular_distance": (angular_distances, "angular distance d(x_ℓ, x_ℓ+1)", "Angular distance per layer"),
+    "layer_removal": (removal_costs, "validation loss increase (nats)", "Performance drop when layer ℓ is removed"),
+}
+
+
+def _number(value: float, fmt: str) -> str:
+    return f"{value:{fmt}}" if math.isfinite(value) else f"{value} (diverged)"
+
+
+def _shallow_to_deep(values: list[float] | None, fmt: str = ".3g") -> str:
+    if not values or len(values) < 2:
+        return "–"
+    shallow, deep = halves(values)
+    return f"{shallow:{fmt}} → {deep:{fmt}}"
+
+
+def summary_table(runs: list[Run]) -> str:
+    lines = [
+        "| run | scheme | layers | steps | train loss | val loss | val ppl | grad norm, training (shallow → deep) "
+        "| grad norm CV | angular distance (shallow → deep) | loss increase when removed (shallow → deep) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        final = run.final_eval
+        grads = training_grad_norms(run)
+        cv = f"{coefficient_of_variation(grads):.2f}" if grads else "–"
+        lines.append(
+            f"| {run.name} | {run.scheme} | {placement_summary(run.placements)} | {run.steps} "
+            f"| {_number(run.final_train_loss, '.4f')} | {_number(final['val_loss'], '.4f')} "
+            f"| {_number(final['val_ppl'], '.2f')} | {_shallow_to_deep(grads)} | {cv} "
+            f"| {_shallow_to_deep(angular_distances(run))} | {_shallow_to_deep(removal_costs(run), '+.3g')} |"
+        )
+    return "\n".join(lines)
+
+
+def per_layer_table(runs: list[Run], profile: Callable[[Run], list[float] | None], fmt: str) -> str | None:
+    """Rows = runs, columns = layers; None when no run has this profile."""
+    rows = [(run, profile(run)) for run in runs]
+    rows = [(run, values) for run, values in rows if values]
+    if not rows:
+        return None
+    num_layers = max(len(values) for _, values in rows)
+    lines = ["| run | " + " | ".join(f"ℓ={i}" for i in range(num_layers)) + " |",
+             "|---|" + "---|" * num_layers]
+    for run, values in rows:
+        cells = [f"{v:{fmt}}" for v in values] + [""] * (num_layers - len(values))
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(runs: list[Run]) -> str:
+    sections = ["## Final metrics", "", summary_table(runs)]
+    for stem, (profile, _, title) in PROFILES.items():
+        table = per_layer_table(runs, profile, "+.4f" if stem == "layer_removal" else ".4g")
+        if table:
+            note = {"angular_distance": f" ({_token_mode(runs)})", "layer_removal": " (validation loss increase, nats)"}
+            note = note.get(stem, "")
+            sections += ["", f"## {title}{note}", "", table]
+    return "\n".join(sections) + "\n"
+
+
+def comparison_figures(runs: list[Run]) -> dict[str, Figure]:
+    """``curves`` always; each per-layer profile and ``angular_heatmaps`` when some run has them."""
+    figures = {"curves": plots.curves_figure({
+        run.name: {"loss": [(r["step"], r["loss"]) for r in run.train],
+                   "val_ppl": [(r["step"], r["val_ppl"]) for r in run.eval]}
+        for run in runs
+    })}
+    for stem, (profile, ylabel, title) in PROFILES.items():
+        series = {run.name: values for run in runs if (values := profile(run))}
+        if series:
+            if stem == "angular_distance":
+                title = f"{title} ({_token_mode(runs)})"
+            figures[stem] = plots.per_layer_figure(series, ylabel, title, log_scale=stem.startswith("grad_norms"))
+    analyzed = [run for run in runs if run.analysis]
+    if analyzed:
+        figures["angular_heatmaps"] = plots.angular_heatmaps_figure(
+            {run.name: run.analysis["angular_distance"]["blocks"] for run in analyzed},
+            f"Angular distance d(x_ℓ, x_ℓ+n) across n layers ({_token_mode(analyzed)})",
+        )
+    return figures
+
+
+def compare_runs(run_dirs: list[str | os.PathLike], output_dir: str | os.PathLike,
+                 names: list[str] | None = None) -> str:
+    """Write ``comparison.md`` and the figures' PNGs to ``output_dir``; returns the Markdown."""
+    names = names or [None] * len(run_dirs)
+    runs = [load_run(path, name) for path, name in zip(run_dirs, names)]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = comparison_markdown(runs)
+    (output_dir / "comparison.md").write_text(markdown)
+    for stem, fig in comparison_figures(runs).items():
+        plots.save(fig, output_dir / f"{stem}.png")
+    return markdown

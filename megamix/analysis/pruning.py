@@ -1,0 +1,50 @@
+"""Performance drop per removed layer: how much worse the model gets without layer ℓ.
+
+The papers remove one layer at a time, without retraining, and report the drop in MMLU accuracy;
+a layer whose removal costs nothing was not pulling its weight.  Offline we measure the same thing
+as the increase in validation loss (and perplexity) on a fixed set of token batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamix.analysis.hidden_states import logits
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped like megamix.evaluate: a broken model reads ~5e21, not inf
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: list[torch.Tensor], skip: Collection[int] = ()) -> float:
+    """Token-weighted mean next-token loss over ``batches`` (each ``[batch, seq + 1]``), with the
+    blocks in ``skip`` removed."""
+    total, count = 0.0, 0
+    for tokens in batches:
+        out = logits(model, tokens[:, :-1], skip)
+        total += float(F.cross_entropy(out.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+        count += tokens[:, 1:].numel()
+    return total / count
+
+
+def layer_removal(model: nn.Module, batches: list[torch.Tensor]) -> dict:
+    """The full model's loss and, for each layer ℓ, the loss without ℓ and the increase over the full
+    model (positive: the layer helps)."""
+    full = validation_loss(model, batches)
+    layers = []
+    for index in model.layers:
+        loss = validation_loss(model, batches, skip={int(index)})
+        layers.append({
+            "layer": int(index),
+            "loss": loss,
+            "ppl": perplexity(loss),
+            "loss_increase": loss - full,
+            "ppl_increase": perplexity(loss) - perplexity(full),
+        })
+    return {"loss": full, "ppl": perplexity(full), "layers": layers}

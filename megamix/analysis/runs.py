@@ -1,0 +1,108 @@
+"""What a finished run directory says about itself: its scheme, its curves, its final numbers.
+
+A run directory (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` and, once
+``tools/analyze_layers.py`` has looked at it, ``analysis/layers.json``.  Comparisons and the norm
+study read runs only through :func:`load_run`, so any run — from the study, from a cluster, from
+last month — can be compared with any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from megamix.config import Config, NormConfig, load_config
+from megamix.model.placement import layer_placements
+
+LAYERS_JSON = Path("analysis") / "layers.json"
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: Config
+    placements: list[str]
+    train: list[dict]  # training lines of metrics.jsonl, in order
+    eval: list[dict]  # evaluation lines
+    analysis: dict | None  # analysis/layers.json, if the run was analyzed
+
+    @property
+    def scheme(self) -> str:
+        return scheme_label(self.config.norm)
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.train[-1]["loss"] if self.train else math.nan
+
+    @property
+    def steps(self) -> int:
+        return max((r["step"] for r in self.train + self.eval), default=0)
+
+    @property
+    def final_eval(self) -> dict:
+        return self.eval[-1] if self.eval else {"step": 0, "val_loss": math.nan, "val_ppl": math.nan}
+
+    def training_grad_norms(self) -> list[float] | None:
+        """Each layer's gradient norm averaged over the logged training steps (None if not logged)."""
+        keys = sorted(k for k in (self.train[-1] if self.train else {}) if k.startswith("grad_norm/layer_"))
+        if not keys:
+            return None
+        lines = [r for r in self.train if all(k in r for k in keys)]
+        return [sum(r[k] for r in lines) / len(lines) for k in keys]
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a ``metrics.jsonl``; a line cut short by a crash is skipped."""
+    train, evaluation = [], []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_loss" in record:
+            evaluation.append(record)
+        elif "loss" in record:
+            train.append(record)
+    return train, evaluation
+
+
+def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
+    path = Path(run_dir)
+    for required in ("config.yaml", "metrics.jsonl"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"{path}: no {required}; is this a megamix run directory?")
+    config = load_config(path / "config.yaml")
+    train, evaluation = read_metrics(path / "metrics.jsonl")
+    analysis_file = path / LAYERS_JSON
+    analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else None
+    return Run(
+        name=name or path.name,
+        path=path,
+        config=config,
+        placements=layer_placements(config.norm, config.model.num_layers),
+        train=train,
+        eval=evaluation,
+        analysis=analysis,
+    )
+
+
+def scheme_label(norm: NormConfig) -> str:
+    """``pre``, ``mix α=0.25``, ``explicit`` (a per-layer list): how tables and legends name a scheme."""
+    if norm.layers is not None:
+        return "explicit"
+    return f"mix α={norm.alpha:g}" if norm.scheme == "mix" else norm.scheme
+
+
+def placement_summary(placements: list[str]) -> str:
+    """``[post, post, pre, pre, pre]`` → ``post×2 pre×3``."""
+    groups: list[list] = []
+    for kind in placements:
+        if groups and groups[-1][0] == kind:
+            groups[-1][1] += 1
+        else:
+            groups.append([kind, 1])
+    return " ".join(f"{kind}×{count}" for kind, count in groups)

@@ -1,0 +1,111 @@
+"""Megatron's tensor-parallel plan, applied to the plain model with DTensor.
+
+Per block: q/k/v, gate and up are split column-wise (each rank computes its heads and its slice of
+the MLP), o and down row-wise (the partial sums are all-reduced, or reduce-scattered over the
+sequence under sequence parallelism).  The embedding and the LM head are split over the vocabulary,
+and the loss is computed on vocab-sharded logits (:func:`vocab_parallel_cross_entropy`), so full
+logits never exist on one rank.
+
+Norms are not sharded: every norm placement (Pre-LN, Post-LN, Mix-LN, LNS, Peri-LN, DeepNorm) runs
+its norms on plain local tensors between the parallel linears, so the fused add+norm kernel sees
+ordinary tensors.  With ``sequence_parallel`` the residual stream between the linears is split over
+the sequence: each rank normalizes its own tokens, attention and the MLP gather the sequence on
+entry, and the norm weights' gradients, partial sums over each rank's tokens, are all-reduced by
+:func:`reduce_sequence_parallel_grads`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from megamix.model import Transformer
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Shard ``model`` (a whole model or a pipeline stage) over ``tp_mesh`` in place."""
+    # The layout of the residual stream between the parallel regions.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    if model.embed_tokens is not None:
+        embedding = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+        parallelize_module(model.embed_tokens, tp_mesh, embedding)
+    for block in model.layers.values():
+        plan = {
+            # One gather (or, without SP, one identity) feeds q/k/v: its backward sums their partial
+            # input gradients with a single reduce-scatter (all-reduce).
+            "attention": PrepareModuleInput(
+                input_layouts=(stream, None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attention.q_proj": ColwiseParallel(),
+            "attention.k_proj": ColwiseParallel(),
+            "attention.v_proj": ColwiseParallel(),
+            "attention.o_proj": RowwiseParallel(output_layouts=stream),
+            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+        }
+        parallelize_module(block, tp_mesh, plan)
+        if sequence_parallel:
+            block.attention.register_forward_pre_hook(_full_sequence_rope(model))
+    if model.lm_head is not None:
+        head = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
+        parallelize_module(model.lm_head, tp_mesh, head)
+
+
+def _full_sequence_rope(model: Transformer):
+    """Under sequence parallelism the model computes rotary tables for its local slice of the
+    sequence; attention sees the whole sequence, so hand it tables of the full length."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x, cos, sin = args
+        seq = x.shape[1]  # x is the gathered (replicated) DTensor: its shape is global
+        return x, model.rope_cos[:seq].to(cos.dtype), model.rope_sin[:seq].to(sin.dtype)
+
+    return hook
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor, targets: torch.Tensor, tp_mesh: DeviceMesh
+) -> torch.Tensor:
+    """Mean cross-entropy of logits split over the vocabulary (``[batch, seq, vocab / tp]`` per
+    rank) without gathering them: torch's ``loss_parallel`` reduces the max, the sum of exponentials
+    and the target logits across ranks.  Call it, and the ``backward`` of its result, inside
+    ``torch.distributed.tensor.parallel.loss_parallel()``."""
+    logits = DTensor.from_local(local_logits, tp_mesh, [Shard(-1)], run_check=False)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).to_local()
+
+
+def is_tensor_parallel(param: torch.Tensor, tp_mesh: DeviceMesh) -> bool:
+    """Whether ``param`` is sharded over the tensor-parallel dimension."""
+    if not isinstance(param, DTensor):
+        return False
+    names = param.device_mesh.mesh_dim_names or ()
+    placement = param.placements[names.index("tp")] if "tp" in names else None
+    return placement is not None and (placement.is_shard() or isinstance(placement, _StridedShard))
+
+
+def reduce_sequence_parallel_grads(params: list[torch.Tensor], tp_mesh: DeviceMesh) -> None:
+    """Sum the gradients of the parameters applied to sequence-split activations (the norms)
+    over the tensor-parallel ranks, in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None and not is_tensor_parallel(p, tp_mesh)]
+    if not grads:
+        return
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    flat = torch.cat([g.reshape(-1) for g in local])
+    dist.all_reduce(flat, group=tp_mesh.get_group())
+    offset = 0
+    for g in local:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()

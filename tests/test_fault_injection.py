@@ -1,0 +1,228 @@
+"""Killing the trainer at any moment loses at most the steps since the last checkpoint.
+
+``kill -9`` gives a process no chance to clean up, so what survives is whatever was on disk at that
+instant.  The trainer (``python -m megamix train``, one process, CPU fp32) is killed at 20 seeded
+random moments: while Python starts or a checkpoint loads, between steps, and while a checkpoint
+is being written (a fresh ``.tmp_step_*`` directory is on disk).  After each kill every
+``step_*`` directory, the name resume trusts, must load; the restart must resume from the latest
+of them; and after the last restart the run must end with exactly the loss of a run that was
+never interrupted.
+
+Also here: a stop signal (SIGUSR1 from Slurm ahead of a time limit, SIGTERM) makes the loop
+checkpoint at the next step boundary and exit with ``EXIT_PREEMPTED``, even when that step is a
+regular save step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megamix.config import load_config
+from megamix.model import Transformer
+from megamix.train.checkpoint import STEP_DIR, latest_checkpoint, load_checkpoint
+from megamix.train.optim import build_optimizer
+from megamix.train.preemption import EXIT_PREEMPTED, Preempted
+from megamix.train.trainer import Trainer
+from tests.conftest import TINY, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 60
+KILLS = 20
+SEED = 20261130
+# Every other step is a save step, so kills land in and around checkpoint writes often.
+OVERRIDES = [f"train.steps={STEPS}", "train.save_interval=2", "train.eval_interval=20"]
+STEP_LINE = re.compile(r"^step\s+(\d+) \| loss", re.MULTILINE)
+RESUMED_LINE = re.compile(r"^resumed from (\S+) at step (\d+)$", re.MULTILINE)
+
+
+def write_config(tmp_path: Path, name: str) -> Path:
+    """A tiny config whose output directory is ``tmp_path/name``; the corpus is shared."""
+    corpus = tmp_path / "corpus"
+    if not corpus.with_suffix(".bin").exists():
+        write_corpus(corpus)
+    cfg = load_config(None, TINY + OVERRIDES + [f"data.path={corpus}", f"train.output_dir={tmp_path / name}"])
+    path = tmp_path / f"{name}.yaml"
+    cfg.save(path)
+    return path
+
+
+def start_trainer(config: Path, log: Path) -> subprocess.Popen:
+    # One thread and unbuffered output: the same arithmetic in every process, and log lines on disk
+    # the moment they are written.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "megamix", "train", "--config", str(config)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def final_losses(run: Path) -> tuple[float, float]:
+    """The training loss and the validation loss logged at the last step."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if r["step"] == STEPS and "loss" in r]
+    valid = [r["val_loss"] for r in records if r["step"] == STEPS and "val_loss" in r]
+    assert train and valid, f"{run}: no records of step {STEPS}"
+    return train[-1], valid[-1]
+
+
+def last_logged_step(log: Path) -> int:
+    steps = STEP_LINE.findall(log.read_text())
+    return int(steps[-1]) if steps else -1
+
+
+def fresh_tmp_dirs(run: Path, since: float) -> list[Path]:
+    """Checkpoint directories being written by the current process: ``.tmp_step_*`` changed after
+    it started (an older one, left by an earlier kill, is only replaced at the same step)."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.glob(".tmp_step_*"):
+        try:
+            if path.stat().st_mtime > since:
+                found.append(path)
+        except FileNotFoundError:  # renamed into place just now
+            pass
+    return found
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 60.0, poll: float = 0.002) -> bool:
+    """Poll ``condition`` until it holds (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for the trainer")
+
+
+def check_checkpoints(run: Path, cfg, verified: set) -> None:
+    """Every directory named like a committed checkpoint must load, with the step its name says.
+
+    ``verified`` holds (name, mtime) of those already loaded, so each is read once."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        match = STEP_DIR.match(path.name)
+        if not match:
+            continue
+        key = (path.name, (path / "train_state.json").stat().st_mtime_ns if (path / "train_state.json").exists() else 0)
+        if key in verified:
+            continue
+        model = Transformer(cfg.model, cfg.norm)
+        state = load_checkpoint(path, model, build_optimizer(model, cfg.train))  # raises if broken
+        assert state["step"] == int(match.group(1)), path
+        verified.add(key)
+
+
+def kill_moments(rng: random.Random) -> list[tuple[str, float, int]]:
+    """(kind, delay in seconds, count) for each kill: ``start`` kills ``delay`` s after launch
+    (Python's imports, the checkpoint load); ``step`` kills ``delay`` after the count-th step of
+    this process; ``save`` kills ``delay`` after the count-th checkpoint write begins."""
+    moments = []
+    for _ in range(KILLS):
+        kind = rng.choices(["start", "step", "save"], weights=[1, 3, 4])[0]
+        if kind == "start":
+            moments.append((kind, rng.uniform(0.3, 3.0), 0))
+        elif kind == "step":
+            moments.append((kind, rng.uniform(0.0, 0.03), rng.randint(1, 3)))
+        else:  # a save of this tiny model takes about 0.1-0.3 s: the delay spreads kills over it
+            moments.append((kind, rng.uniform(0.0, 0.15), rng.randint(1, 2)))
+    return moments
+
+
+def wait_for_moment(moment: tuple[str, float, int], proc: subprocess.Popen, run: Path, log: Path,
+                    started: float, resumed_step: int) -> bool:
+    """Wait until the kill moment; False if the trainer ended before it."""
+    kind, delay, count = moment
+    writes: set[Path] = set()
+
+    def reached() -> bool:
+        if kind == "step":
+            return last_logged_step(log) >= resumed_step + count
+        writes.update(fresh_tmp_dirs(run, started))
+        return len(writes) >= count
+
+    if kind != "start" and not wait_until(reached, proc):
+        return False
+    time.sleep(delay)
+    return proc.poll() is None
+
+
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
+    reference = write_config(tmp_path, "reference")
+    proc = start_trainer(reference, tmp_path / "reference.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    expected = final_losses(tmp_path / "reference")
+
+    config = write_config(tmp_path, "killed")
+    run = tmp_path / "killed"
+    cfg = load_config(config)
+    verified: set = set()
+    during_save = 0
+    for attempt, moment in enumerate(kill_moments(random.Random(SEED))):
+        log = tmp_path / f"attempt_{attempt:02d}.log"
+        latest = latest_checkpoint(run)
+        started = time.time()
+        proc = start_trainer(config, log)
+        resumed_step = int(STEP_DIR.match(latest.name).group(1)) if latest else 0
+        alive = wait_for_moment(moment, proc, run, log, started, resumed_step)
+        assert alive, f"attempt {attempt} {moment} ended before the kill:\n{log.read_text()[-3000:]}"
+        print(attempt, moment, round(time.time() - started, 2), resumed_step)  # TEMP
+        proc.kill()  # SIGKILL
+        proc.wait()
+        during_save += bool(fresh_tmp_dirs(run, started))
+
+        check_checkpoints(run, cfg, verified)
+        # This attempt must have resumed from the latest checkpoint the previous ones left.
+        resumed = RESUMED_LINE.search(log.read_text())
+        if latest is not None and moment[0] != "start":
+            assert resumed and Path(resumed.group(1)) == latest, f"attempt {attempt} did not resume from {latest}"
+
+    log = tmp_path / "final.log"
+    latest = latest_checkpoint(run)
+    proc = start_trainer(config, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert latest is not None and f"resumed from {latest} at step" in log.read_text()
+    check_checkpoints(run, cfg, verified)
+    # Several kills must really have hit a checkpoint write, or this test proves little.
+    assert during_save >= 3, f"only {during_save} of {KILLS} kills landed during a checkpoint write"
+    assert final_losses(run) == expected  # exactly: CPU fp32 is deterministic, resume is exact
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_checkpoints_at_the_next_step_and_exits_preempted(tiny_config, signum):
+    """A signal that arrives during a save step (every step is one here) is acted on at once."""
+    cfg = tiny_config("train.save_interval=1", "train.steps=8")
+    trainer = Trainer(cfg)
+    train_step = trainer.train_step
+
+    def signalled_step():
+        record = train_step()
+        if trainer.step == 3:
+            signal.raise_signal(signum)  # as Slurm would, in the middle of the run
+        return record
+
+    trainer.train_step = signalled_step
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        with pytest.raises(Preempted) as stopped:
+            trainer.run()
+    finally:  # the trainer leaves its handlers in place for the exiting process; this one goes on
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.code == EXIT_PREEMPTED and stopped.value.step == 3
+    assert latest_checkpoint(cfg.train.output_dir).name == "step_0000003"
+    assert Trainer(cfg).step == 3  # and the next start resumes there
