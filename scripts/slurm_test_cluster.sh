@@ -56,7 +56,9 @@ start() {
     while ((SECONDS < deadline)); do
         state=$(sinfo -h -N -o %t 2>/dev/null || true)
         [[ $state == idle ]] && break
-        [[ $state == drain* || $state == down* ]] && scontrol update nodename="$host" state=resume 2>/dev/null || true
+        if [[ $state == drain* || $state == down* ]]; then
+            scontrol update nodename="$host" state=resume 2>/dev/null || true
+        fi
         sleep 0.5
     done
     if [[ $state != idle ]]; then
@@ -69,7 +71,9 @@ start() {
 
 stop() {
     export SLURM_CONF=$conf
-    [[ -f $conf ]] && scancel --user="$(id -un)" 2>/dev/null || true
+    if [[ -f $conf ]]; then
+        scancel --user="$(id -un)" 2>/dev/null || true
+    fi
     # slurmd first, so no new job steps start; each daemon by the PID it wrote.
     local name pid
     for name in slurmd slurmctld; do

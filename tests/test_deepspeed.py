@@ -8,7 +8,6 @@ continues the uninterrupted loss curve; its DeepSpeed checkpoint converts to Hug
 matching logits.  The config checks and ``megamix plan`` need no DeepSpeed; the rest skips without it.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -33,9 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 MIX = ["norm.scheme=mix", "norm.alpha=0.5"]
 DEEPSPEED = ["parallel.engine=deepspeed"]
-requires_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install -e .[deepspeed])"
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +67,7 @@ def test_deepspeed_config_is_generated_from_ours_with_user_keys_merged_last():
     (DEEPSPEED + ["parallel.zero=2", "parallel.deepspeed={train_batch_size: 64}"],
      "parallel.deepspeed.train_batch_size"),
     (DEEPSPEED + ["parallel.zero=2", "parallel.deepspeed=[1]"], "parallel.deepspeed"),
+    (DEEPSPEED + ["parallel.zero=2", "train.async_save=true"], "train.async_save"),
     (["parallel.zero=2", "parallel.offload=cpu"], "parallel.offload"),  # fsdp2 does not offload
     (["parallel.zero=1"], "parallel.zero"),  # ZeRO-1 is DeepSpeed's
 ])
@@ -146,6 +143,7 @@ def cases(data: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def world(data):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not importable (pip install -e .[deepspeed])")
     out = data / "world2"
     out.mkdir()
     specs = cases(data)
@@ -181,7 +179,6 @@ def result(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
-@requires_deepspeed
 @pytest.mark.parametrize("name", ["zero1", "zero2_clipped", "zero3", "zero1_offload", "zero3_offload"])
 def test_zero_stage_matches_single_process(data, world, name):
     out, specs = world
@@ -192,13 +189,11 @@ def test_zero_stage_matches_single_process(data, world, name):
     assert got["eval"]["val_tokens"] == evaluation["val_tokens"]
 
 
-@requires_deepspeed
 def test_gradient_clipping_is_active_in_the_clipped_case(data, world):
     records, _, _ = reference(str(data), CLIPPED, 3)
     assert any(r["grad_norm"] > 0.5 for r in records)  # so the match above covers DeepSpeed's clipping
 
 
-@requires_deepspeed
 def test_run_stopped_by_a_signal_resumes_on_the_uninterrupted_loss_curve(data, world):
     out, _ = world
     full = result(out, "full")["records"]
@@ -213,7 +208,6 @@ def test_run_stopped_by_a_signal_resumes_on_the_uninterrupted_loss_curve(data, w
         assert rec["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RTOL)
 
 
-@requires_deepspeed
 def test_deepspeed_checkpoints_are_committed_whole(data, world):
     root = data / "runs" / "resumed" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000005"]  # no .tmp left
@@ -230,7 +224,6 @@ def test_deepspeed_checkpoints_are_committed_whole(data, world):
     assert latest_checkpoint(root.parent.parent / "half").name == "step_0000003"
 
 
-@requires_deepspeed
 def test_fsdp2_refuses_to_resume_a_deepspeed_checkpoint_by_name(data, world):
     run = data / "runs" / "fsdp2_on_deepspeed"
     shutil.copytree(data / "runs" / "zero1" / "checkpoints", run / "checkpoints")
@@ -238,7 +231,6 @@ def test_fsdp2_refuses_to_resume_a_deepspeed_checkpoint_by_name(data, world):
         Trainer(load_config(None, base(data, f"train.output_dir={run}")))
 
 
-@requires_deepspeed
 @pytest.mark.parametrize("run, model", [("zero1", ()), ("resumed", FIVE_STEPS)])  # ZeRO-1 and ZeRO-3 partitions
 def test_load_model_reads_a_deepspeed_checkpoint_as_the_trained_model(data, world, run, model):
     loaded = megamix.load_model(data / "runs" / run)
@@ -250,7 +242,23 @@ def test_load_model_reads_a_deepspeed_checkpoint_as_the_trained_model(data, worl
     assert loaded.placements == ["post", "post", "pre", "pre"]
 
 
-@requires_deepspeed
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return print, ("unpickled code ran",)
+
+
+def test_reading_a_deepspeed_checkpoint_never_unpickles_code(data, world, capsys):
+    step = data / "runs" / "tampered" / "checkpoints" / "step_0000003"
+    shutil.copytree(data / "runs" / "zero1" / "checkpoints" / "step_0000003", step)
+    optim = step / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(optim, weights_only=False)  # the test's own, trusted file
+    state["extra"] = _RunsCodeWhenUnpickled()
+    torch.save(state, optim)
+    with pytest.raises(CheckpointError, match="refers to print, which is neither a tensor"):
+        megamix.load_model(step)
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
 def test_deepspeed_checkpoint_converts_to_hugging_face_with_matching_logits(data, world, tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import convert_to_hf

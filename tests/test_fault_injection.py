@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from megamix.config import load_config
+from megamix.config import Config, load_config
 from megamix.model import Transformer
 from megamix.train.checkpoint import STEP_DIR, latest_checkpoint, load_checkpoint
 from megamix.train.optim import build_optimizer
@@ -56,13 +56,26 @@ def write_config(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def start_trainer(config: Path, log: Path) -> subprocess.Popen:
-    # One thread and unbuffered output: the same arithmetic in every process, and log lines on disk
-    # the moment they are written.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "megamix", "train", "--config", str(config)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+@pytest.fixture
+def start_trainer():
+    """``start(config, log)`` runs ``python -m megamix train`` in the background; whatever still
+    runs when the test ends (it failed half-way) is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(config: Path, log: Path) -> subprocess.Popen:
+        # One thread and unbuffered output: the same arithmetic in every process, and log lines on
+        # disk the moment they are written.
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with open(log, "w") as out:
+            started.append(subprocess.Popen([sys.executable, "-m", "megamix", "train", "--config", str(config)],
+                                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def final_losses(run: Path) -> tuple[float, float]:
@@ -107,10 +120,11 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 60.0, poll: f
     raise AssertionError(f"timed out after {timeout} s waiting for the trainer")
 
 
-def check_checkpoints(run: Path, cfg, verified: set) -> None:
+def check_checkpoints(run: Path, cfg: Config, verified: set) -> None:
     """Every directory named like a committed checkpoint must load, with the step its name says.
 
-    ``verified`` holds (name, mtime) of those already loaded, so each is read once."""
+    ``verified`` holds (name, mtime of its training state) of those already loaded, so each is
+    read once."""
     root = run / "checkpoints"
     if not root.is_dir():
         return
@@ -118,7 +132,8 @@ def check_checkpoints(run: Path, cfg, verified: set) -> None:
         match = STEP_DIR.match(path.name)
         if not match:
             continue
-        key = (path.name, (path / "train_state.json").stat().st_mtime_ns if (path / "train_state.json").exists() else 0)
+        state_file = path / "train_state.json"
+        key = (path.name, state_file.stat().st_mtime_ns if state_file.exists() else None)
         if key in verified:
             continue
         model = Transformer(cfg.model, cfg.norm)
@@ -161,7 +176,7 @@ def wait_for_moment(moment: tuple[str, float, int], proc: subprocess.Popen, run:
     return proc.poll() is None
 
 
-def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, start_trainer):
     reference = write_config(tmp_path, "reference")
     proc = start_trainer(reference, tmp_path / "reference.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
@@ -180,7 +195,6 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
         resumed_step = int(STEP_DIR.match(latest.name).group(1)) if latest else 0
         alive = wait_for_moment(moment, proc, run, log, started, resumed_step)
         assert alive, f"attempt {attempt} {moment} ended before the kill:\n{log.read_text()[-3000:]}"
-        print(attempt, moment, round(time.time() - started, 2), resumed_step)  # TEMP
         proc.kill()  # SIGKILL
         proc.wait()
         during_save += bool(fresh_tmp_dirs(run, started))
@@ -202,7 +216,7 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
     assert final_losses(run) == expected  # exactly: CPU fp32 is deterministic, resume is exact
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
 def test_stop_signal_checkpoints_at_the_next_step_and_exits_preempted(tiny_config, signum):
     """A signal that arrives during a save step (every step is one here) is acted on at once."""
     cfg = tiny_config("train.save_interval=1", "train.steps=8")

@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import types
 from collections.abc import Iterator
@@ -233,15 +235,14 @@ class DeepSpeedZero:
 # ----------------------------------------------------------------------------------------------
 # Reading a checkpoint without training: the fp32 weights of any ZeRO stage, in one process.
 
-# What DeepSpeed's checkpoint pickles may name besides tensors and containers: its own small
-# records (loss scaler, enums, config dict types).  Anything else fails to unpickle.
+# What DeepSpeed's checkpoint pickles may name besides tensors, containers and plain values: its
+# own small records (the loss scaler, the ZeRO stage enum, fragment addresses; DeepSpeed 0.19).
+# Anything else fails to unpickle.
 _SAFE_DEEPSPEED_GLOBALS = (
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),  # DeepSpeed's fp16 section
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", "fragment_address"),
-    ("collections", "OrderedDict"),
-    ("argparse", "Namespace"),
 )
 
 
@@ -297,6 +298,10 @@ def read_full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with _weights_only_loading() as zero_to_fp32:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{path}: the DeepSpeed checkpoint refers to {found.group(1) if found else 'an object'}, "
+                              "which is neither a tensor nor one of DeepSpeed's records; not unpickled") from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read the DeepSpeed checkpoint ({type(e).__name__}: {e})") from None
     return {name: tensor.float() for name, tensor in state.items()}

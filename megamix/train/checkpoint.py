@@ -248,9 +248,14 @@ def save_checkpoint(
                 (tmp / name).write_text(text)
         _barrier()
         if _rank() == 0:
-            if final.exists():  # a re-save of the same step (e.g. after resuming there)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists():  # a re-save of the same step: move the old copy out of resume's sight first,
+                old = root / f".old_{final.name}"  # so a kill while deleting never leaves half of it there
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
             if keep:
                 _prune(root, keep)
         _barrier()

@@ -51,6 +51,7 @@ class StopSignals:
     """Records SIGUSR1/SIGTERM instead of dying, so the loop can checkpoint first."""
 
     _original: dict[int, object] = {}  # the handlers before any install, restored by uninstall
+    _installed: StopSignals | None = None  # the instance recording signals now
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -59,8 +60,11 @@ class StopSignals:
     def install(cls) -> StopSignals:
         """Handle the stop signals from now on (main thread only: elsewhere Python cannot, and the
         signals keep their usual meaning)."""
+        if cls._installed is not None:  # installed early (``megamix train`` does, before its slow start)
+            return cls._installed
         stop = cls()
         if threading.current_thread() is threading.main_thread():
+            cls._installed = stop
             for sig in STOP_SIGNALS:
                 previous = signal.signal(sig, stop._record)
                 cls._original.setdefault(sig, previous)
@@ -81,11 +85,18 @@ class StopSignals:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a CPU tensor: gloo, beside NCCL on GPUs
         return bool(flag.item())
 
+    def release(self) -> None:
+        """Stop handing out this instance from :meth:`install` (its signal is spent), but keep its
+        handlers: a second signal while the process exits must not kill it mid-exit."""
+        if StopSignals._installed is self:
+            StopSignals._installed = None
+
     def uninstall(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self._original.items():
                 signal.signal(sig, handler)
             self._original.clear()
+            StopSignals._installed = None
 
 
 class Heartbeat:

@@ -6,7 +6,10 @@ the model (``megamix.parallel``): a pipeline schedule replaces the micro-batch l
 the loss is computed on vocab-sharded logits when ``tp`` > 1, and FSDP2 reduces gradients over
 ``dp``.  The global batch of step k holds the same samples on every layout, and the loss, gradient
 norms and clipping are reduced over the whole world, so every layout follows the single-process
-loss curve.
+loss curve.  With ``parallel.engine: deepspeed`` (data parallelism only) a DeepSpeed ZeRO engine
+holds the plain model instead of FSDP2 (``megamix.parallel.deepspeed_engine``); the loop reaches
+it through a few hook points (``sync_gradients``, ``model_forward``, ``backward``,
+``optimizer_step``, ``save``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megamix.config import Config, validate
 from megamix.data.gpt_dataset import build_dataset, micro_batches
 from megamix.evaluate import evaluate_loss
 from megamix.model import Transformer, num_parameters
+from megamix.model.placement import describe_placements, layer_placements
 from megamix.ops import load_kernels
 from megamix.parallel.data_parallel import reshard, set_gradient_sync
 from megamix.parallel.grad_norm import clip_gradients, grad_norms
@@ -115,7 +119,7 @@ class Trainer:
             cfg.save(self.output_dir / "config.yaml")
         self.metrics = MetricsLogger(
             self.output_dir, enabled=self.is_main, tensorboard=t.tensorboard,
-            resume_step=self.step if self.resumed_from else None,
+            resume_step=self.step,  # drop lines a killed run logged after the checkpoint we start from
         )
         embedding = cfg.model.vocab_size * cfg.model.hidden_size
         self.flops_per_token = flops_per_token(
@@ -350,7 +354,7 @@ class Trainer:
         layout = f", layout {self.mesh}" if self.mesh else ""
         self.log(
             f"megamix: {self.num_params / 1e6:.1f}M params, {self.cfg.model.num_layers} layers "
-            f"{''.join(k[0].upper() if k in ('post', 'pre') else k[0] for k in self.model.placements)}, "
+            f"({describe_placements(layer_placements(self.cfg.norm, self.cfg.model.num_layers))}), "
             f"device {self.device}{layout}, {t.steps} steps × {tokens_per_step} tokens"
         )
         peak = peak_flops(self.device)
@@ -397,6 +401,7 @@ class Trainer:
                 self.wait_for_save()
                 self.metrics.close()
                 self.log(f"step {self.step:>6} | {stop.reason}: checkpoint saved, exiting with {EXIT_PREEMPTED}")
+                stop.release()
                 raise Preempted(self.step)
         heartbeat.close()
         stop.uninstall()
