@@ -133,8 +133,8 @@ def test_per_layer_grad_norm_is_the_root_of_summed_squares(tiny_config):
 
     trainer.optimizer.step = spy
     record = trainer.train_step()
-    for i, value in captured.items():
-        assert record[f"grad_norm/layer_{i:02d}"] == pytest.approx(value, rel=1e-9)
+    for i, value in captured.items():  # each parameter's norm accumulates in fp32, as clip_grad_norm_'s does
+        assert record[f"grad_norm/layer_{i:02d}"] == pytest.approx(value, rel=1e-6)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_config, tmp_path):

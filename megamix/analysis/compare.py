@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 
 from megamix.analysis import plots
 from megamix.analysis.report import TOKEN_DESCRIPTION
-from megamix.analysis.runs import Run, load_run, placement_summary
+from megamix.analysis.runs import Run, load_run
+from megamix.model.placement import describe_placements
 
 
 def halves(values: list[float]) -> tuple[float, float]:
@@ -87,7 +88,7 @@ def summary_table(runs: list[Run]) -> str:
         grads = training_grad_norms(run)
         cv = f"{coefficient_of_variation(grads):.2f}" if grads else "–"
         lines.append(
-            f"| {run.name} | {run.scheme} | {placement_summary(run.placements)} | {run.steps} "
+            f"| {run.name} | {run.scheme} | {describe_placements(run.placements)} | {run.steps} "
             f"| {_number(run.final_train_loss, '.4f')} | {_number(final['val_loss'], '.4f')} "
             f"| {_number(final['val_ppl'], '.2f')} | {_shallow_to_deep(grads)} | {cv} "
             f"| {_shallow_to_deep(angular_distances(run))} | {_shallow_to_deep(removal_costs(run), '+.3g')} |"

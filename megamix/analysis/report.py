@@ -22,9 +22,10 @@ from megamix.analysis.angular import AngularDistances
 from megamix.analysis.grad_norms import checkpoint_grad_norms
 from megamix.analysis.hidden_states import hidden_states
 from megamix.analysis.pruning import layer_removal
-from megamix.analysis.runs import placement_summary, scheme_label
+from megamix.analysis.runs import scheme_label
 from megamix.config import load_config
 from megamix.data.gpt_dataset import build_dataset
+from megamix.model.placement import describe_placements
 from megamix.train.checkpoint import read_train_state, resolve_checkpoint
 
 TOKEN_DESCRIPTION = {"last": "last token of each sequence", "all": "mean over all tokens"}
@@ -121,7 +122,7 @@ def layer_table(result: dict) -> str:
 
 def report_figures(result: dict) -> dict:
     """The figures of one analysis, by file stem."""
-    name = f"{result['scheme']} ({placement_summary(result['placements'])}), step {result['step']}"
+    name = f"{result['scheme']} ({describe_placements(result['placements'])}), step {result['step']}"
     tokens = TOKEN_DESCRIPTION[result["angular_distance"]["tokens"]]
     return {
         "angular_distance": plots.per_layer_figure(

@@ -96,13 +96,3 @@ def scheme_label(norm: NormConfig) -> str:
         return "explicit"
     return f"mix α={norm.alpha:g}" if norm.scheme == "mix" else norm.scheme
 
-
-def placement_summary(placements: list[str]) -> str:
-    """``[post, post, pre, pre, pre]`` → ``post×2 pre×3``."""
-    groups: list[list] = []
-    for kind in placements:
-        if groups and groups[-1][0] == kind:
-            groups[-1][1] += 1
-        else:
-            groups.append([kind, 1])
-    return " ".join(f"{kind}×{count}" for kind, count in groups)

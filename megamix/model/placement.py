@@ -46,11 +46,11 @@ def deepnorm_constants(norm: NormConfig, num_layers: int) -> tuple[float, float]
 
 
 def describe_placements(placements: list[str]) -> str:
-    """Run-length summary for logs: ``['post', 'pre', 'pre']`` → ``"post ×1, pre ×2"``."""
+    """Run-length summary for logs and tables: ``['post', 'pre', 'pre']`` → ``"post×1 pre×2"``."""
     runs: list[list] = []
     for kind in placements:
         if runs and runs[-1][0] == kind:
             runs[-1][1] += 1
         else:
             runs.append([kind, 1])
-    return ", ".join(f"{kind} ×{count}" for kind, count in runs)
+    return " ".join(f"{kind}×{count}" for kind, count in runs)

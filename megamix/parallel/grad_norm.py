@@ -19,6 +19,11 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from megamix.parallel.mesh import ParallelMesh
 
 
+def _norm(grad: torch.Tensor) -> torch.Tensor:
+    """‖grad‖₂ with fp32 accumulation, without a squared or fp64 copy of the gradient."""
+    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+
+
 def copies_per_element(param: torch.Tensor, mesh: ParallelMesh | None) -> int:
     """On how many ranks of its pipeline stage each element of ``param`` lives."""
     if mesh is None:
@@ -47,7 +52,7 @@ def grad_norms(model: nn.Module, num_layers: int, mesh: ParallelMesh | None) -> 
             squares = torch.zeros(num_layers + 1, dtype=torch.float64, device=grad.device)
         parts = name.split(".")
         slot = int(parts[1]) if parts[0] == "layers" else num_layers  # the last slot: embedding, norm, head
-        squares[slot] += grad.detach().double().pow(2).sum() / copies_per_element(param, mesh)
+        squares[slot] += _norm(grad).double().square() / copies_per_element(param, mesh)
     if squares is None:
         squares = torch.zeros(num_layers + 1, dtype=torch.float64)
     if mesh is not None:

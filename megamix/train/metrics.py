@@ -28,7 +28,7 @@ def layer_grad_squares(model: torch.nn.Module) -> dict[int, float]:
         for p in block.parameters():
             if p.grad is not None:
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                total += g.detach().double().pow(2).sum().cpu()
+                total += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square().cpu()
         out[int(key)] = float(total)
     return out
 
