@@ -62,6 +62,14 @@ def default_device() -> torch.device:
 
 
 class Trainer:
+    """One training run: the model (whole, or this rank's share), AdamW, the data, and the loop.
+
+    Construction validates the config against the world size, builds the model and optimizer for
+    the layout (``parallel.engine``: FSDP2 with TP/PP, or DeepSpeed ZeRO), and resumes from the
+    latest complete checkpoint in ``train.output_dir`` if there is one; :meth:`run` trains to
+    ``train.steps``, :meth:`train_step` does one optimizer step.
+    """
+
     def __init__(self, cfg: Config, device: torch.device | str | None = None):
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.cfg = check_layout(cfg, world_size)
