@@ -60,11 +60,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from megamix import load_model
     from megamix.data.gpt_dataset import build_dataset
     from megamix.evaluate import evaluate_loss
-    from megamix.train.checkpoint import resolve_checkpoint
+    from megamix.train.checkpoint import checkpoint_config, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint)
-    seq_len = args.seq_len or load_config(checkpoint / "config.yaml").data.seq_len
+    seq_len = args.seq_len or checkpoint_config(checkpoint).data.seq_len
     data = build_dataset(args.data, "valid", "0,1", seq_len, 0, seed=0, use_split=False)
     torch.manual_seed(0)
     result = evaluate_loss(model, data, args.micro_batch_size, args.max_batches)

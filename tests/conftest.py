@@ -87,6 +87,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node=NPROC ARGS`` on this checkout (CPU, gloo,
+    one thread per rank); fails the test with the ranks' stderr if the launch does not exit 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return done
+
+
+def final_losses(run: Path, step: int) -> tuple[float, float]:
+    """The training and validation loss a run logged at ``step`` (its last lines for that step)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if r["step"] == step and "loss" in r]
+    valid = [r["val_loss"] for r in records if r["step"] == step and "val_loss" in r]
+    assert train and valid, f"{run}: no records of step {step}"
+    return train[-1], valid[-1]
+
+
 def run_overrides(root: Path, overrides: list[str], steps: int = 2) -> list[str]:
     """A tiny run on ``root/corpus`` into ``root/run``: ``steps`` steps, a checkpoint at the end."""
     return TINY + [f"data.path={root / 'corpus'}", f"train.output_dir={root / 'run'}", f"train.steps={steps}",
@@ -104,9 +124,5 @@ def tp2_pp2_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
         single[scheme] = (root / "run", run_overrides(root, norm))
     spec = tmp_path_factory.mktemp("tp2pp2_spec") / "runs.json"
     spec.write_text(json.dumps(runs))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
-               str(ROOT / "tests" / "dist" / "train_runs.py"), str(spec)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(4, ROOT / "tests" / "dist" / "train_runs.py", spec)
     return single

@@ -136,7 +136,7 @@ def test_blend_follows_the_weights():
 
 
 def test_blended_dataset_from_config_paths(tmp_path):
-    from tests.conftest import write_corpus
+    from conftest import write_corpus
     write_corpus(tmp_path / "a", seed=1)
     write_corpus(tmp_path / "b", seed=2)
     ds = build_dataset([3, str(tmp_path / "a"), 1, str(tmp_path / "b")], "train", "98,2", 16, 100, seed=0)

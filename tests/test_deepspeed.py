@@ -9,16 +9,14 @@ matching logits.  The config checks and ``megamix plan`` need no DeepSpeed; the 
 """
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, torchrun, write_corpus
 
 import megamix
 from megamix.cli import main as megamix_main
@@ -26,7 +24,6 @@ from megamix.config import ConfigError, load_config, validate
 from megamix.parallel.deepspeed_engine import deepspeed_config
 from megamix.train.checkpoint import CheckpointError, latest_checkpoint
 from megamix.train.trainer import Trainer
-from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -100,12 +97,6 @@ def test_plan_counts_zero1_sharding_and_offloaded_host_memory(capsys):
 # Two processes under torchrun.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
@@ -148,11 +139,7 @@ def world(data):
     out.mkdir()
     specs = cases(data)
     (out / "cases.json").write_text(json.dumps(specs))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(ROOT / "tests/dist/deepspeed_cases.py"), str(out / "cases.json"), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    torchrun(2, ROOT / "tests/dist/deepspeed_cases.py", out / "cases.json", out)
     return out, {s["name"]: s for s in specs}
 
 

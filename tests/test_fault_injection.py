@@ -15,7 +15,6 @@ regular save step.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY, final_losses, write_corpus
 
 from megamix.config import Config, load_config
 from megamix.model import Transformer
@@ -33,7 +33,6 @@ from megamix.train.checkpoint import STEP_DIR, latest_checkpoint, load_checkpoin
 from megamix.train.optim import build_optimizer
 from megamix.train.preemption import EXIT_PREEMPTED, Preempted
 from megamix.train.trainer import Trainer
-from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -76,15 +75,6 @@ def start_trainer():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def final_losses(run: Path) -> tuple[float, float]:
-    """The training loss and the validation loss logged at the last step."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r["loss"] for r in records if r["step"] == STEPS and "loss" in r]
-    valid = [r["val_loss"] for r in records if r["step"] == STEPS and "val_loss" in r]
-    assert train and valid, f"{run}: no records of step {STEPS}"
-    return train[-1], valid[-1]
 
 
 def last_logged_step(log: Path) -> int:
@@ -180,7 +170,7 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, sta
     reference = write_config(tmp_path, "reference")
     proc = start_trainer(reference, tmp_path / "reference.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    expected = final_losses(tmp_path / "reference")
+    expected = final_losses(tmp_path / "reference", STEPS)
 
     config = write_config(tmp_path, "killed")
     run = tmp_path / "killed"
@@ -213,7 +203,7 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, sta
     check_checkpoints(run, cfg, verified)
     # Several kills must really have hit a checkpoint write, or this test proves little.
     assert during_save >= 3, f"only {during_save} of {KILLS} kills landed during a checkpoint write"
-    assert final_losses(run) == expected  # exactly: CPU fp32 is deterministic, resume is exact
+    assert final_losses(run, STEPS) == expected  # exactly: CPU fp32 is deterministic, resume is exact
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)

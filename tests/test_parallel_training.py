@@ -11,7 +11,6 @@ both continue the uninterrupted loss curve; ``megamix.load_model`` reads it as o
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from functools import cache
@@ -19,31 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, free_port, torchrun, write_corpus
 
 import megamix
 from megamix.config import load_config
 from megamix.train.trainer import Trainer
-from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, cases: list[dict], out: Path, timeout: int = 400) -> Path:
+def run_cases(nproc: int, cases: list[dict], out: Path) -> Path:
+    """Run ``cases`` one after another in one torchrun world of ``nproc`` ranks; results in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           str(ROOT / "tests/dist/run_cases.py"), str(spec), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    torchrun(nproc, ROOT / "tests/dist/run_cases.py", spec, out)
     return out
 
 
@@ -133,7 +123,7 @@ def two_process_cases(data: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_processes(data):
     cases = two_process_cases(data)
-    return torchrun(2, cases, data / "world2"), {c["name"]: c for c in cases}
+    return run_cases(2, cases, data / "world2"), {c["name"]: c for c in cases}
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in two_process_cases(Path("/"))])
@@ -171,7 +161,7 @@ def four_process_cases(data: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def four_processes(data):
     cases = four_process_cases(data)
-    return torchrun(4, cases, data / "world4"), {c["name"]: c for c in cases}
+    return run_cases(4, cases, data / "world4"), {c["name"]: c for c in cases}
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in four_process_cases(Path("/"))])
@@ -191,7 +181,7 @@ LAYOUT_3D = ["parallel.tp=2", "parallel.pp=2", "parallel.zero=2", "parallel.sequ
 @pytest.fixture(scope="module")
 def three_d(data):
     spec = case("tp2_pp2_dp2", data, MIX_8, LAYOUT_3D, evaluate=True, save=True)
-    return torchrun(8, [spec], data / "world8"), spec
+    return run_cases(8, [spec], data / "world8"), spec
 
 
 def test_tp2_pp2_dp2_mix_ln_matches_single_process(data, three_d):
@@ -227,7 +217,7 @@ def test_3d_checkpoint_resumes_on_tp1_pp4_continuing_the_loss_curve(data, three_
     uninterrupted, _, _ = reference(str(data), tuple(MIX_8), 4)
     run = checkpoint_copy(data, "resume_pp4")
     overrides = base(data, f"train.output_dir={run}", *MIX_8, "parallel.pp=4")
-    out = torchrun(4, [{"name": "resume_pp4", "overrides": overrides, "steps": 2}], data / "world4_resume")
+    out = run_cases(4, [{"name": "resume_pp4", "overrides": overrides, "steps": 2}], data / "world4_resume")
     records = json.loads((out / "resume_pp4.json").read_text())["records"]
     assert [r["step"] for r in records] == [3, 4]
     for rec, expected in zip(records, uninterrupted[2:], strict=True):
@@ -274,11 +264,7 @@ def test_torchrun_megamix_train_logs_the_single_process_losses(data, tmp_path):
 
 
 def test_meta_initialized_shards_are_independent_draws_and_replicas_agree(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
-           str(ROOT / "tests/dist/meta_init.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(4, ROOT / "tests/dist/meta_init.py", tmp_path, timeout=300)
     for layout, rows in json.loads((tmp_path / "meta_init.json").read_text()).items():
         replicated_over_dp = layout.endswith("zero0")
         for a in rows:

@@ -11,7 +11,6 @@ its pid, so it must run on the cluster's only node.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TINY, final_losses, write_corpus
 
 from megamix.config import load_config
-from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train.sbatch"
@@ -127,14 +126,6 @@ def submit(env: dict[str, str], workdir: Path, name: str, *overrides: str) -> Jo
     return Job(SUBMITTED[-1], workdir, run)
 
 
-def final_losses(run: Path) -> tuple[float, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r["loss"] for r in records if r["step"] == STEPS and "loss" in r]
-    valid = [r["val_loss"] for r in records if r["step"] == STEPS and "val_loss" in r]
-    assert train and valid, f"{run}: no records of step {STEPS}"
-    return train[-1], valid[-1]
-
-
 def wait_for(condition, job: Job, env: dict[str, str], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -173,7 +164,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_env, workd
     resumed = re.search(r"resumed from (\S+) at step (\d+)", output)
     assert resumed and 2 <= int(resumed.group(2)) < STEPS, output[-4000:]
     assert Path(resumed.group(1)).name == f"step_{int(resumed.group(2)):07d}"
-    assert final_losses(job.run) == final_losses(uninterrupted[0].run)  # exactly
+    assert final_losses(job.run, STEPS) == final_losses(uninterrupted[0].run, STEPS)  # exactly
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_the_timeout(slurm_env, workdir):

@@ -175,10 +175,10 @@ def test_load_model_gives_the_trained_models_logits(tiny_config, tmp_path):
 
 def test_evaluate_command_equals_loss_over_consecutive_windows(tiny_config, tmp_path, capsys):
     import numpy as np
+    from conftest import write_corpus
 
     import megamix
     from megamix.cli import main
-    from tests.conftest import write_corpus
 
     Trainer(tiny_config("train.steps=2")).run()
     docs = write_corpus(tmp_path / "heldout", num_docs=30, seed=9)

@@ -23,10 +23,9 @@ from megamix.analysis.grad_norms import checkpoint_grad_norms
 from megamix.analysis.hidden_states import hidden_states
 from megamix.analysis.pruning import layer_removal
 from megamix.analysis.runs import scheme_label
-from megamix.config import load_config
 from megamix.data.gpt_dataset import build_dataset
 from megamix.model.placement import describe_placements
-from megamix.train.checkpoint import read_train_state, resolve_checkpoint
+from megamix.train.checkpoint import checkpoint_config, read_train_state, resolve_checkpoint
 
 TOKEN_DESCRIPTION = {"last": "last token of each sequence", "all": "mean over all tokens"}
 
@@ -64,7 +63,7 @@ def analyze_checkpoint(
     length) are used.
     """
     path = resolve_checkpoint(checkpoint)
-    cfg = load_config(path / "config.yaml")
+    cfg = checkpoint_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seq_len = seq_len or cfg.data.seq_len
     if seq_len > cfg.model.max_seq_len:

@@ -25,13 +25,19 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megamix.config import Config, load_config, validate
+from megamix.config import Config
 from megamix.hf.adapter import hf_config, is_stock_llama, to_hf_name
 from megamix.hf.loading import load_model
 from megamix.hf.tokenizer import SpecialTokens, save_tokenizer
 from megamix.model import Transformer
 from megamix.model.placement import layer_placements
-from megamix.train.checkpoint import CheckpointError, SafeFileSystemReader, checkpoint_format, resolve_checkpoint
+from megamix.train.checkpoint import (
+    CheckpointError,
+    SafeFileSystemReader,
+    checkpoint_config,
+    checkpoint_format,
+    resolve_checkpoint,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
@@ -42,13 +48,6 @@ _AUTO_MAP = {
     "AutoModel": "modeling_megamix.MegamixModel",
     "AutoModelForCausalLM": "modeling_megamix.MegamixForCausalLM",
 }
-
-
-def checkpoint_config(checkpoint: Path) -> Config:
-    config_file = checkpoint / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{checkpoint}: no config.yaml beside the checkpoint")
-    return validate(load_config(config_file))
 
 
 def module_groups(cfg: Config) -> list[list[tuple[str, torch.Size]]]:

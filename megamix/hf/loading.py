@@ -11,17 +11,13 @@ import os
 
 import torch
 
-from megamix.config import load_config, validate
 from megamix.model import Transformer
-from megamix.train.checkpoint import CheckpointError, checkpoint_format, load_checkpoint, resolve_checkpoint
+from megamix.train.checkpoint import checkpoint_config, checkpoint_format, load_checkpoint, resolve_checkpoint
 
 
 def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
     path = resolve_checkpoint(checkpoint_dir)
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.yaml beside the checkpoint")
-    cfg = validate(load_config(config_file))
+    cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.norm)
     model = model.to_empty(device=device)

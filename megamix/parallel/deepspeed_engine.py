@@ -33,11 +33,9 @@ run or a checkpoint needs it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import re
-import shutil
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megamix.config import Config
-from megamix.train.checkpoint import TRAIN_STATE, CheckpointError, rng_state, step_dir_name
+from megamix.train.checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, rng_state
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-directory DeepSpeed writes a checkpoint into (its "tag")
 
@@ -186,27 +184,9 @@ class DeepSpeedZero:
         writes its ``latest`` file and ``zero_to_fp32.py`` there); rank 0 adds the training state
         and ``extra_files`` and, once all ranks are done, renames the directory into place.
         """
-        root = Path(output_dir) / "checkpoints"
-        final = root / step_dir_name(step)
-        tmp = root / f".tmp_{step_dir_name(step)}"
-        main = dist.get_rank() == 0
-        if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        tmp = begin_checkpoint(output_dir, step)
         self.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
-        if main:
-            (tmp / TRAIN_STATE).write_text(json.dumps(dict(train_state, rng=rng_state()), indent=1))
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        dist.barrier()
-        if main:
-            if final.exists():  # a re-save of the same step (e.g. after resuming there)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        dist.barrier()
-        return final
+        return commit_checkpoint(tmp, dict(train_state, rng=rng_state()), extra_files)
 
     def load(self, path: str | os.PathLike) -> dict:
         """Resume from a DeepSpeed checkpoint of this run: model, optimizer partitions, training state.

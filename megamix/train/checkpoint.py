@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from megamix.config import Config, load_config, validate
+
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TRAIN_STATE = "train_state.json"
 
@@ -76,6 +78,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if match and child.is_dir() and _is_complete(child):
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
+
+
+def checkpoint_config(checkpoint: str | os.PathLike) -> Config:
+    """The validated config saved in a checkpoint directory (every checkpoint carries its own)."""
+    config_file = Path(checkpoint) / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{checkpoint}: no config.yaml beside the checkpoint")
+    return validate(load_config(config_file))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -213,6 +223,44 @@ class PendingCheckpoint:
         return self._commit()
 
 
+def begin_checkpoint(output_dir: str | os.PathLike, step: int) -> Path:
+    """The empty ``checkpoints/.tmp_step_NNNNNNN`` directory every rank writes ``step``'s files
+    into (a leftover from a killed save is cleared first); a collective."""
+    tmp = Path(output_dir) / "checkpoints" / f".tmp_{step_dir_name(step)}"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, train_state: dict, extra_files: dict[str, str] | None = None,
+                      keep: int | None = None) -> Path:
+    """Once every rank has written its files into ``tmp``: add the training state and
+    ``extra_files``, then rename ``tmp`` to ``step_NNNNNNN``, the one moment the checkpoint
+    becomes visible to resume; a collective.  Any checkpoint format commits this way."""
+    final = tmp.with_name(tmp.name.removeprefix(".tmp_"))
+    if _rank() == 0:
+        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # a re-save of the same step: move the old copy out of resume's sight first,
+            old = final.with_name(f".old_{final.name}")  # so a kill while deleting never leaves half of it
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        if keep:
+            _prune(final.parent, keep)
+    _barrier()
+    return final
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -230,36 +278,12 @@ def save_checkpoint(
     place.  With ``async_save`` the shards are copied to host memory and written by a background
     thread while training goes on; the returned :class:`PendingCheckpoint` commits when waited on.
     """
-    root = Path(output_dir) / "checkpoints"
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp_{step_dir_name(step)}"
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = begin_checkpoint(output_dir, step)
     state = _state(model, optimizer)
-    rank_state = dict(train_state, rng=rng_state())
+    rank_state = dict(train_state, rng=rng_state())  # the RNG of this moment, not of the commit
 
     def commit() -> Path:
-        if _rank() == 0:
-            (tmp / TRAIN_STATE).write_text(json.dumps(rank_state, indent=1))
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        _barrier()
-        if _rank() == 0:
-            if final.exists():  # a re-save of the same step: move the old copy out of resume's sight first,
-                old = root / f".old_{final.name}"  # so a kill while deleting never leaves half of it there
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            if keep:
-                _prune(root, keep)
-        _barrier()
-        return final
+        return commit_checkpoint(tmp, rank_state, extra_files, keep)
 
     with _quiet_dcp():
         if async_save:
