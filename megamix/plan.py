@@ -25,8 +25,8 @@ from torch.distributed.tensor import DTensor
 from megamix.config import Config, ConfigError
 from megamix.model import Transformer, num_parameters
 from megamix.parallel.mesh import ParallelMesh, check_layout
-from megamix.parallel.pipeline import keep_stage, stages_of_rank
-from megamix.parallel.stages import stage_of_layers, stage_to_rank
+from megamix.parallel.pipeline import keep_stage
+from megamix.parallel.stages import stage_of_layers, stage_to_rank, stages_of_rank
 from megamix.parallel.tensor_parallel import apply_tensor_parallel, is_tensor_parallel
 
 GiB = 2**30

@@ -12,7 +12,8 @@ from megamix.cli import main
 from megamix.config import ConfigError, load_config
 from megamix.model import Transformer, layer_placements
 from megamix.parallel.mesh import check_layout
-from megamix.parallel.pipeline import RankModel, keep_stage, stages_of_rank
+from megamix.parallel.pipeline import RankModel, keep_stage
+from megamix.parallel.stages import stages_of_rank
 from megamix.plan import built_params_per_rank, params_per_rank
 
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=4",

@@ -16,7 +16,8 @@ from megamix.model import Transformer, num_parameters
 from megamix.parallel.activation_checkpoint import apply_activation_checkpoint
 from megamix.parallel.data_parallel import apply_data_parallel
 from megamix.parallel.mesh import ParallelMesh
-from megamix.parallel.pipeline import RankModel, keep_stage, stages_of_rank
+from megamix.parallel.pipeline import RankModel, keep_stage
+from megamix.parallel.stages import stages_of_rank
 from megamix.parallel.tensor_parallel import apply_tensor_parallel
 
 # Up to this size every rank initializes the whole model on the host from the run's seed, exactly

@@ -32,11 +32,6 @@ SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
 
 
-def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
-    """The (virtual) stage indices pipeline rank ``pp_rank`` holds."""
-    return [pp_rank + k * pp for k in range(virtual_stages)]
-
-
 def keep_stage(model: Transformer, stage: int, num_stages: int, stage_layers: list[int] | None = None) -> Transformer:
     """Reduce ``model`` in place to pipeline stage ``stage``: its layers (by global index), the
     embedding on the first stage, the final norm and head on the last."""

@@ -1,4 +1,4 @@
-"""Which global layers each pipeline stage holds."""
+"""Which global layers each pipeline stage holds, and which pipeline rank holds each stage."""
 
 from __future__ import annotations
 
@@ -23,3 +23,8 @@ def stage_of_layers(num_layers: int, num_stages: int, stage_layers: list[int] | 
 def stage_to_rank(stage: int, pp: int) -> int:
     """Pipeline rank of a (virtual) stage: stages are dealt round-robin (looped schedules)."""
     return stage % pp
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    """The (virtual) stage indices pipeline rank ``pp_rank`` holds: the inverse of :func:`stage_to_rank`."""
+    return [pp_rank + k * pp for k in range(virtual_stages)]
