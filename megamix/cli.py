@@ -40,6 +40,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a config for a launch of ``--world-size`` processes, without starting anything:
+    launchers (``slurm/train.sbatch``) run it before ``srun`` so a bad layout fails in a second."""
+    from megamix.parallel.mesh import check_layout
+
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg, args.world_size)
+    validate(cfg, for_training=True)
+    p = cfg.parallel
+    print(f"ok: {args.world_size} processes as tp={p.tp} pp={p.pp} dp={p.dp}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     validate(cfg)
@@ -103,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (one process, or under torchrun/srun)")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
+    check = sub.add_parser("check", help="validate a config for a launch of N processes (exit 2 if it cannot run)")
+    _add_config_args(check)
+    check.add_argument("--world-size", type=int, required=True, metavar="N", help="processes the launch will start")
+    check.set_defaults(func=cmd_check)
     plan = sub.add_parser("plan", help="per-layer placement, per-rank parameters and memory")
     _add_config_args(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
