@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megamix.train.checkpoint import save_checkpoint  # noqa: E402
+
 from megamix.config import load_config  # noqa: E402
 from megamix.model import Transformer, num_parameters  # noqa: E402
-from megamix.train.checkpoint import save_checkpoint  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GB = 1e9

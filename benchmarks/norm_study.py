@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from megamix.analysis.compare import compare_runs  # noqa: E402
 from megamix.analysis.report import analyze_checkpoint, write_report  # noqa: E402
-from megamix.config import SCHEMES, load_config  # noqa: E402
+from megamix.config import load_config  # noqa: E402
+from megamix.schemes import model_schemes  # noqa: E402
 from megamix.train.trainer import Trainer  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "llama_tiny.yaml"
@@ -42,7 +43,7 @@ TINY_STUDY = [  # a few minutes per scheme on two CPU cores
     "train.global_batch_size=8",
     "train.log_interval=10",
     "train.eval_interval=50",
-    "train.eval_steps=8",
+    "train.eval_tokens=8192",
     "train.save_interval=0",
     "train.progress_bar=false",
 ]
@@ -73,7 +74,7 @@ def ensure_demo_data(cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="base config (default: the tiny CPU study on llama_tiny.yaml)")
-    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    p.add_argument("--schemes", nargs="+", choices=model_schemes(), default=list(model_schemes()))
     p.add_argument("--alpha", type=float, default=0.25, help="Mix-LN's Post-LN fraction (default 0.25)")
     p.add_argument("--steps", type=int, help="training steps per scheme")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def load_model(checkpoint_dir, device="cpu"):
     """A single-process model from a checkpoint of any layout (or a run directory's latest)."""
-    from megamix.hf.loading import load_model as _load
+    from megamix.checkpoint import load_model as _load
 
     return _load(checkpoint_dir, device=device)
 

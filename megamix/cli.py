@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from megamix.config import ConfigError, load_config, validate
+from megamix.config import load_config, validate
+from megamix.errors import MegamixError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,16 +18,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from megamix.parallel.mesh import check_layout, init_distributed
     from megamix.train.preemption import StopSignals
 
-    # Record a stop signal from the first moment: one that arrives while torch is still starting
-    # (imports, rendezvous, model build) is acted on at the first step boundary instead of killing us.
+    # Handle stop signals from the first moment: one that arrives while torch is still starting
+    # (imports, rendezvous, index and model build) ends the process at once, with nothing to save.
     StopSignals.install()
     cfg = load_config(args.config, args.overrides)
     # The whole config is checked against the launch's world size before any process group starts.
-    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    validate(cfg, for_training=True)
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), for_training=True)
+    from megamix.parallel.mesh import init_distributed
+
     init_distributed(cfg.parallel.timeout_s)
     from megamix.train.trainer import Trainer
 
@@ -43,11 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config for a launch of ``--world-size`` processes, without starting anything:
     launchers (``slurm/train.sbatch``) run it before ``srun`` so a bad layout fails in a second."""
-    from megamix.parallel.mesh import check_layout
-
     cfg = load_config(args.config, args.overrides)
-    check_layout(cfg, args.world_size)
-    validate(cfg, for_training=True)
+    validate(cfg, world_size=args.world_size, for_training=True)
     p = cfg.parallel
     print(f"ok: {args.world_size} processes as tp={p.tp} pp={p.pp} dp={p.dp}")
     return 0
@@ -67,21 +64,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class EvaluateError(MegamixError, ValueError):
+    """A bad ``megamix evaluate`` argument."""
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Token-weighted validation loss of a checkpoint on a ``.bin/.idx`` corpus, in order."""
+    for name in ("seq_len", "micro_batch_size", "max_batches"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise EvaluateError(f"--{name.replace('_', '-')} must be positive; got {value}")
     import torch
 
-    from megamix import load_model
+    from megamix.analysis.pruning import perplexity, validation_loss
+    from megamix.checkpoint import checkpoint_config, load_model, resolve_checkpoint
     from megamix.data.gpt_dataset import build_dataset
-    from megamix.evaluate import evaluate_loss
-    from megamix.train.checkpoint import checkpoint_config, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    model = load_model(checkpoint)
-    seq_len = args.seq_len or checkpoint_config(checkpoint).data.seq_len
+    cfg = checkpoint_config(checkpoint)
+    seq_len = args.seq_len or cfg.data.seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise EvaluateError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     data = build_dataset(args.data, "valid", "0,1", seq_len, 0, seed=0, use_split=False)
-    torch.manual_seed(0)
-    result = evaluate_loss(model, data, args.micro_batch_size, args.max_batches)
-    summary = f"loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} over {result['val_tokens']:,} tokens"
+    num_batches = len(data) // args.micro_batch_size
+    if args.max_batches is not None:
+        num_batches = min(num_batches, args.max_batches)
+    if num_batches == 0:
+        raise EvaluateError(f"{args.data}: {len(data)} samples of {seq_len + 1} tokens, not one batch of "
+                            f"{args.micro_batch_size}; lower --micro-batch-size or --seq-len")
+    model = load_model(checkpoint)
+    size = args.micro_batch_size
+    batches = (torch.stack([data[i] for i in range(b * size, (b + 1) * size)]) for b in range(num_batches))
+    loss = validation_loss(model, batches)
+    result = {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": num_batches * size * seq_len}
+    summary = f"loss {loss:.4f}, perplexity {result['val_ppl']:.2f} over {result['val_tokens']:,} tokens"
     print(json.dumps(result) if args.json else f"{args.data}: {summary}")
     return 0
 
@@ -89,15 +105,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from megamix.hf.harness import evaluate
 
-    try:
-        report = evaluate(
-            [t.strip() for t in args.tasks.split(",") if t.strip()], checkpoint=args.checkpoint, export=args.hf,
-            tokenizer=args.tokenizer, text=args.text, compare=args.compare, batch_size=args.batch_size,
-            max_length=args.max_length, limit=args.limit, device=args.device,
-        )
-    except ValueError as e:
-        print(f"megamix eval: {e}", file=sys.stderr)
-        return 2
+    report = evaluate(
+        [t.strip() for t in args.tasks.split(",") if t.strip()], checkpoint=args.checkpoint, export=args.hf,
+        tokenizer=args.tokenizer, text=args.text, compare=args.compare, batch_size=args.batch_size,
+        max_length=args.max_length, limit=args.limit, device=args.device, trust_code=args.trust_remote_code,
+    )
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -112,21 +124,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamix", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model (one process, or under torchrun/srun)")
+    train = sub.add_parser("train", parents=[common], help="train a model (one process, or under torchrun/srun)")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
-    check = sub.add_parser("check", help="validate a config for a launch of N processes (exit 2 if it cannot run)")
+    check = sub.add_parser("check", parents=[common],
+                           help="validate a config for a launch of N processes (exit 2 if it cannot run)")
     _add_config_args(check)
     check.add_argument("--world-size", type=int, required=True, metavar="N", help="processes the launch will start")
     check.set_defaults(func=cmd_check)
-    plan = sub.add_parser("plan", help="per-layer placement, per-rank parameters and memory")
+    plan = sub.add_parser("plan", parents=[common], help="per-layer placement, per-rank parameters and memory")
     _add_config_args(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--world-size", type=int, default=None, metavar="N",
                       help="list the valid tp/pp/dp layouts of N GPUs with their memory per GPU")
     plan.set_defaults(func=cmd_plan)
-    evaluate = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint on a .bin/.idx corpus")
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="validation loss and perplexity of a checkpoint on a .bin/.idx corpus")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory (latest checkpoint)")
     evaluate.add_argument("--data", required=True, help=".bin/.idx prefix")
     evaluate.add_argument("--seq-len", type=int, default=None, help="default: the sequence length it was trained with")
@@ -134,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
-    lm_eval = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint (exported on the fly) or an export")
+    lm_eval = sub.add_parser("eval", parents=[common],
+                             help="lm-evaluation-harness on a checkpoint (exported on the fly) or an export")
     lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; megamix_text_perplexity "
                          "is the offline perplexity of --text")
     lm_eval.add_argument("--checkpoint", help="checkpoint or run directory (needs --tokenizer unless --hf is given)")
@@ -147,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm_eval.add_argument("--max-length", type=int, default=None, help="window; default: model.max_seq_len")
     lm_eval.add_argument("--limit", type=int, default=None, help="documents per task")
     lm_eval.add_argument("--device", default="cpu")
+    lm_eval.add_argument("--trust-remote-code", action="store_true",
+                         help="run an export's own Python even when it is not megamix's modeling_megamix.py")
     lm_eval.add_argument("--json", action="store_true")
     lm_eval.set_defaults(func=cmd_eval)
     return parser
@@ -154,11 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"megamix: config error: {e}", file=sys.stderr)
-        return 2
+    return run_command("megamix", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +22,10 @@ from typing import Any, Union
 
 import yaml
 
+from megamix.errors import MegamixError
+from megamix.schemes import MIX, SCHEMES, model_schemes
+
 NORM_TYPES = ("rmsnorm", "layernorm")
-SCHEMES = ("pre", "post", "mix", "lns", "peri", "deepnorm")
-LAYER_KINDS = ("pre", "post", "lns", "peri", "deepnorm")  # what an explicit norm.layers entry may be
 ENGINES = ("fsdp2", "deepspeed")
 OFFLOADS = ("none", "cpu", "nvme")
 # DeepSpeed keys the trainer derives from train.* and must own: the batch arithmetic decides which
@@ -32,6 +35,7 @@ DEEPSPEED_RESERVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16")
+NONFINITE = ("stop", "skip")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -57,8 +61,10 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(MegamixError, ValueError):
     """A config problem; ``field`` is the dotted name of the offending key."""
+
+    exit_code = 2
 
     def __init__(self, field: str, message: str):
         self.field = field
@@ -126,8 +132,11 @@ class DataConfig:
     path: str | list | None = None
     valid_path: str | list | None = None  # None: validation comes from `split`
     seq_len: int = 256
-    split: str = "98,2"  # train,validation shares of the documents of `path`
+    split: str = "98,2"  # train,validation shares of the documents of `path`; unused with valid_path
     seed: int = 1234
+    tokenizer: str | None = None  # the tokenizer the corpus must have been made with (checked by its PREFIX.json)
+    cache_dir: str | None = None  # where the sample index is cached; None: OUTPUT_DIR/data_index
+    num_workers: int = 2  # loader worker processes per rank (0: load on the main thread)
 
 
 @dataclass
@@ -148,9 +157,13 @@ class TrainConfig:
     seed: int = 42
     log_interval: int = 10
     eval_interval: int = 100
-    eval_steps: int = 10
-    save_interval: int = 0  # 0: only at the end
+    eval_tokens: int = 1_048_576  # validation tokens per evaluation, the same samples every time and on every layout
+    save_interval: int = 1000  # steps between checkpoints (0: only at the end and when stopped)
+    keep_last: int = 0  # keep the N most recent checkpoints (0: keep all)
+    keep_every: int = 0  # ...and keep every checkpoint whose step is a multiple of this for good (0: none)
     async_save: bool = False  # write checkpoints in the background (committed before the next one)
+    nonfinite: str = "stop"  # a step with a non-finite loss or gradient norm: stop (named error) | skip it
+    accept_changes: list[str] | None = None  # config fields a resumed run may change from its checkpoint's
     output_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
@@ -223,6 +236,8 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(name, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -231,11 +246,43 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {name}")
 
 
+def _deprecated_eval_steps(train: dict, tree: dict) -> None:
+    """``train.eval_steps`` (batches of ``micro_batch_size`` sequences) became ``train.eval_tokens``."""
+    steps = train.pop("eval_steps")
+    if "eval_tokens" in train:
+        return
+    micro = train.get("micro_batch_size", TrainConfig.micro_batch_size)
+    seq_len = (tree.get("data") or {}).get("seq_len", DataConfig.seq_len)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, micro, seq_len)):
+        train["eval_tokens"] = steps * micro * seq_len
+        _deprecation("train.eval_steps", f"use train.eval_tokens (here {train['eval_tokens']:,} = eval_steps × "
+                     "micro_batch_size × seq_len)")
+
+
+# Keys a config may still hold from an older megamix, each turned into its replacement (with a
+# one-line notice) before the schema is built.
+DEPRECATED = {("train", "eval_steps"): _deprecated_eval_steps}
+
+
+def _deprecation(key: str, advice: str) -> None:
+    print(f"megamix: config: {key} is deprecated; {advice}", file=sys.stderr)
+
+
+def _upgrade(tree: dict) -> dict:
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for (section, key), upgrade in DEPRECATED.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            upgrade(tree[section], tree)
+    return tree
+
+
 def _build(cls, data: Any, prefix: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"expected a mapping of keys, got {data!r}")
+    if cls is Config:
+        data = _upgrade(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -384,6 +431,30 @@ def _validate_deepspeed(p: ParallelConfig, t: TrainConfig) -> None:
                               "learning-rate schedule); change those instead")
 
 
+def _validate_layout(cfg: Config) -> None:
+    """What only the parallel layout can break (the micro-batch rule once ``parallel.dp`` is known)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.vocab_size % p.tp:
+        raise ConfigError("parallel.tp", f"tp={p.tp} does not divide vocab_size {m.vocab_size} (vocab-parallel head)")
+    if p.sequence_parallel and cfg.data.seq_len % p.tp:
+        raise ConfigError("parallel.sequence_parallel", f"tp={p.tp} does not divide data.seq_len {cfg.data.seq_len}")
+    if p.pp > 1 and m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings", "a tied embedding cannot span pipeline stages; untie it or use pp=1")
+    if p.schedule == "zero_bubble" and p.pp > 1 and p.activation_checkpoint != "none":
+        raise ConfigError("parallel.activation_checkpoint",
+                          "the zero_bubble schedule splits backward into input and weight passes, "
+                          "which activation checkpointing cannot replay; use activation_checkpoint: none")
+    if p.dp is None or t.micro_batch_size <= 0:
+        return
+    micro_batches = t.global_batch_size // (t.micro_batch_size * p.dp)
+    if p.pp > 1 and p.schedule in ("interleaved_1f1b", "zero_bubble") and micro_batches % p.pp:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"the {p.schedule} schedule needs the micro-batches per step ({micro_batches} = global batch / "
+            f"(micro batch × dp)) to be a multiple of pp={p.pp}",
+        )
+
+
 def validate(cfg: Config, world_size: int | None = None, for_training: bool = False) -> Config:
     """Check the whole config; fill in derived values (``parallel.dp``) when the world size is known."""
     m, n, p, d, t = cfg.model, cfg.norm, cfg.parallel, cfg.data, cfg.train
@@ -403,15 +474,15 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     _positive("model.rope_theta", m.rope_theta)
 
     _choice("norm.type", n.type, NORM_TYPES)
-    _choice("norm.scheme", n.scheme, SCHEMES)
+    _choice("norm.scheme", n.scheme, model_schemes())
     if n.alpha is not None and not 0.0 <= n.alpha <= 1.0:  # also catches NaN
         raise ConfigError("norm.alpha", f"the Post-LN fraction must lie in [0, 1]; got {n.alpha}")
     if n.layers is not None:
         if len(n.layers) != m.num_layers:
             raise ConfigError("norm.layers", f"has {len(n.layers)} entries for {m.num_layers} layers")
-        for i, kind in enumerate(n.layers):
-            _choice(f"norm.layers[{i}]", kind, LAYER_KINDS)
-    elif n.scheme == "mix" and n.alpha is None:
+        for i, scheme in enumerate(n.layers):
+            _choice(f"norm.layers[{i}]", scheme, tuple(SCHEMES))
+    elif n.scheme == MIX and n.alpha is None:
         raise ConfigError("norm.alpha", "scheme 'mix' needs alpha, the fraction of Post-LN layers (0.25 in the paper)")
     if n.deepnorm_alpha is not None:
         _positive("norm.deepnorm_alpha", n.deepnorm_alpha)
@@ -455,6 +526,8 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
             raise ConfigError("parallel.dp", f"tp×pp×dp = {p.tp * p.pp * p.dp}, but the world size is {world_size}")
         p.dp = dp
 
+    _validate_layout(cfg)
+
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
@@ -464,17 +537,30 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if for_training and d.path is None:
         raise ConfigError("data.path", "training needs a .bin/.idx prefix (see tools/preprocess_c4.py)")
 
-    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_steps"):
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_tokens"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}", f"must lie in [0, 1); got {getattr(t, name)}")
+    _positive("train.adam_eps", t.adam_eps)
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError("train.min_lr", f"must lie in [0, lr={t.lr}]; got {t.min_lr}")
     if not 0 <= t.warmup_steps <= t.steps:
         raise ConfigError("train.warmup_steps", f"must lie in [0, steps={t.steps}]; got {t.warmup_steps}")
-    for name in ("weight_decay", "grad_clip", "eval_interval", "save_interval"):
+    for name in ("weight_decay", "grad_clip", "eval_interval", "save_interval", "keep_last", "keep_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}", f"must not be negative; got {getattr(t, name)}")
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.nonfinite", t.nonfinite, NONFINITE)
+    if t.nonfinite == "skip" and p.engine == "deepspeed":
+        raise ConfigError("train.nonfinite", "DeepSpeed steps inside its engine and cannot skip a step; use stop")
+    for i, key in enumerate(t.accept_changes or []):
+        section, _, name = key.partition(".")
+        if section not in {f.name for f in dataclasses.fields(Config)} or not hasattr(getattr(cfg, section), name):
+            raise ConfigError(f"train.accept_changes[{i}]", f"{key!r} is not a config field (section.key)")
+    if d.num_workers < 0:
+        raise ConfigError("data.num_workers", f"must not be negative; got {d.num_workers}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     dp = p.dp or 1
     if t.global_batch_size % (t.micro_batch_size * dp):

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megamix.config import Config, ConfigError
-from megamix.model import Transformer, num_parameters
-from megamix.parallel.mesh import ParallelMesh, check_layout
+from megamix.config import Config, ConfigError, validate
+from megamix.model import Transformer, layer_of, num_parameters
+from megamix.parallel.mesh import ParallelMesh
 from megamix.parallel.pipeline import keep_stage
 from megamix.parallel.stages import stage_of_layers, stage_to_rank, stages_of_rank
 from megamix.parallel.tensor_parallel import apply_tensor_parallel, is_tensor_parallel
@@ -112,8 +112,9 @@ def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], Ra
             continue
         seen.add(id(param))
         sharded = any(f"{k}." in name for k in TP_SHARDED)
-        if name.startswith("layers."):
-            stage = layer_stage[int(name.split(".")[1])]
+        layer = layer_of(name)
+        if layer is not None:
+            stage = layer_stage[layer]
         elif name.startswith("embed_tokens"):
             stage = 0
         else:  # final norm and head
@@ -241,7 +242,7 @@ def _layout_world(cfg: Config) -> int:
 
 def make_plan(cfg: Config) -> dict:
     """Everything ``megamix plan`` prints, as a JSON-ready dict."""
-    check_layout(cfg, _layout_world(cfg))
+    validate(cfg, world_size=_layout_world(cfg))
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.norm)
     p = cfg.parallel
@@ -254,8 +255,8 @@ def make_plan(cfg: Config) -> dict:
         row["shapes"] = {name: list(shape) for name, (shape, _) in local.items()}
     return {
         "layers": [
-            {"index": i, "norm": kind, "stage": layer_stage[i], "pp_rank": stage_to_rank(layer_stage[i], p.pp)}
-            for i, kind in enumerate(model.placements)
+            {"index": i, "norm": scheme, "stage": layer_stage[i], "pp_rank": stage_to_rank(layer_stage[i], p.pp)}
+            for i, scheme in enumerate(model.schemes)
         ],
         "params_total": num_parameters(model),
         "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp or 1, "zero": p.zero, "engine": p.engine,
@@ -284,7 +285,7 @@ def survey_layouts(cfg: Config, world_size: int) -> list[dict]:
             if pp == 1 or trial.parallel.schedule not in ("interleaved_1f1b", "zero_bubble"):
                 trial.parallel.virtual_stages = 1
             try:
-                check_layout(trial, world_size)
+                validate(trial, world_size=world_size)
             except ConfigError as e:
                 layouts.append({"tp": tp, "pp": pp, "dp": world_size // (tp * pp), "valid": False, "reason": str(e)})
                 continue

@@ -32,7 +32,8 @@ TINY = [
     "train.warmup_steps=2",
     "train.log_interval=1",
     "train.eval_interval=10",
-    "train.eval_steps=2",
+    "train.eval_tokens=256",  # 2 batches of 4 × 32
+    "data.split=90,10",  # ~20 validation documents: enough for those batches
     "train.tensorboard=false",
     "train.progress_bar=false",
 ]
@@ -126,3 +127,30 @@ def tp2_pp2_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     spec.write_text(json.dumps(runs))
     torchrun(4, ROOT / "tests" / "dist" / "train_runs.py", spec)
     return single
+
+
+# ----------------------------------------------------------------------------------------------
+# Test tiers (pytest.ini's markers): `pytest -m "not dist and not slow"` is the quick tier;
+# .ci/run runs everything.  Files are marked here so a new test lands in its file's tier.
+
+TIERS = {
+    "test_parallel_training.py": "dist",
+    "test_deepspeed.py": "dist",
+    "test_slurm.py": "slurm",
+    "test_slurm_preprocess.py": "slurm",
+    "test_fault_injection.py": "slow",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = Path(str(item.fspath))
+        tier = TIERS.get(path.name)
+        if tier:
+            item.add_marker(tier)
+        if tier == "slurm":
+            item.add_marker("dist")
+        if "gpu" in path.parts:
+            item.add_marker("gpu")
+        if "tp2_pp2_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker("dist")

@@ -19,10 +19,10 @@ import torch
 from conftest import TINY, torchrun, write_corpus
 
 import megamix
+from megamix.checkpoint import CheckpointError, latest_checkpoint
 from megamix.cli import main as megamix_main
 from megamix.config import ConfigError, load_config, validate
-from megamix.parallel.deepspeed_engine import deepspeed_config
-from megamix.train.checkpoint import CheckpointError, latest_checkpoint
+from megamix.train.engines.deepspeed import deepspeed_config
 from megamix.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,12 +221,12 @@ def test_fsdp2_refuses_to_resume_a_deepspeed_checkpoint_by_name(data, world):
 @pytest.mark.parametrize("run, model", [("zero1", ()), ("resumed", FIVE_STEPS)])  # ZeRO-1 and ZeRO-3 partitions
 def test_load_model_reads_a_deepspeed_checkpoint_as_the_trained_model(data, world, run, model):
     loaded = megamix.load_model(data / "runs" / run)
-    trained = reference(str(data), model, 3 if run == "zero1" else 5)[2].model.eval()
+    trained = reference(str(data), model, 3 if run == "zero1" else 5)[2].engine.model.eval()
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trained(tokens)
         torch.testing.assert_close(loaded(tokens), expected, rtol=0, atol=RTOL * float(expected.abs().max()))
-    assert loaded.placements == ["post", "post", "pre", "pre"]
+    assert loaded.schemes == ["post", "post", "pre", "pre"]
 
 
 class _RunsCodeWhenUnpickled:
@@ -262,3 +262,42 @@ def test_deepspeed_checkpoint_converts_to_hugging_face_with_matching_logits(data
     with torch.no_grad():
         expected = trained(tokens)
         torch.testing.assert_close(hf(tokens).logits, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+class _TouchesAFile:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resuming_a_tampered_deepspeed_checkpoint_never_runs_its_code(tmp_path):
+    """One process (DeepSpeed's ZeRO-1 on a world of one, as ZeRO-Offload on a single GPU runs):
+    a payload planted in the model-states file is refused on resume, with one line and exit 1."""
+    import os
+    import subprocess
+
+    write_corpus(tmp_path / "corpus")
+    config = tmp_path / "cfg.yaml"
+    load_config(None, TINY + [f"data.path={tmp_path / 'corpus'}", f"train.output_dir={tmp_path / 'run'}",
+                              "train.steps=2", "train.eval_interval=0", "parallel.engine=deepspeed",
+                              "parallel.zero=1"]).save(config)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "megamix", "train", "--config", str(config), "--set",
+                               f"train.steps={steps}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    assert train(2).returncode == 0
+    states = latest_checkpoint(tmp_path / "run") / "deepspeed" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "pwned"
+    state = torch.load(states, weights_only=False)  # the test's own, trusted file
+    state["extra"] = _TouchesAFile(marker)
+    torch.save(state, states)
+    resumed = train(4)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert "not unpickled" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert not marker.exists()

@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY, final_losses, write_corpus
 
+from megamix.checkpoint import STEP_DIR, latest_checkpoint
+from megamix.checkpoint.dcp import load_checkpoint
 from megamix.config import Config, load_config
 from megamix.model import Transformer
-from megamix.train.checkpoint import STEP_DIR, latest_checkpoint, load_checkpoint
 from megamix.train.optim import build_optimizer
 from megamix.train.preemption import EXIT_PREEMPTED, Preempted
 from megamix.train.trainer import Trainer

@@ -1,5 +1,5 @@
 """fused_add_norm / norm on CPU: both implementations (the PyTorch path the CPU uses and the
-megamix::add_norm_* operators whose CUDA kernels live in csrc/) against the SPEC formulas written
+megamix::add_norm_* operators whose CUDA kernels live in csrc/) against the formulas (docs/placements.md) written
 out independently here in fp64, gradcheck, torch.compile, and the dispatch switch."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ EPS = 1e-6
 
 
 def formula(x, residual, weight, bias, eps, kind, scale):
-    """SPEC: h = x + residual; RMS: h / sqrt(mean(h²) + eps); LayerNorm: (h - μ) / sqrt(σ² + eps)
+    """The formulas: h = x + residual; RMS: h / sqrt(mean(h²) + eps); LayerNorm: (h - μ) / sqrt(σ² + eps)
     with the biased variance; then (· weight + bias) · scale.  fp64 throughout."""
     h = x.double() if residual is None else x.double() + residual.double()
     n = h.shape[-1]

@@ -1,7 +1,7 @@
 """Exports checked against transformers: for every placement, a trained tiny checkpoint exported
 to Hugging Face format must give ``megamix.load_model``'s logits (fp32, 1e-5) and the same greedy
 generation through transformers' KV cache; Pre-LN must be stock ``LlamaForCausalLM``; the weight
-names must be SPEC.md's; the export must stream."""
+names must be the reference's (docs/placements.md); the export must stream."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from megamix import load_model
 from megamix.config import load_config
-from megamix.hf import export as export_module
 from megamix.hf.export import MODELING_FILE, export_checkpoint
 from megamix.train.trainer import Trainer
 
@@ -45,7 +44,7 @@ def train(root: Path, overrides: list[str]) -> Path:
     trainer = Trainer(load_config(None, run_overrides(root, overrides)), device="cpu")
     trainer.run()
     with torch.no_grad():
-        for p in trainer.model.parameters():
+        for p in trainer.engine.model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     trainer.save()
@@ -115,12 +114,12 @@ def test_other_placements_refuse_to_load_as_plain_llama(checkpoint, tmp_path):
     with pytest.raises(ValueError):
         transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False, local_files_only=True)
     config = json.loads((out / "config.json").read_text())
-    assert config["layer_placements"] == ["post", "post", "pre", "pre"]
+    assert config["layer_schemes"] == ["post", "post", "pre", "pre"]
     assert (out / "modeling_megamix.py").read_text() == MODELING_FILE.read_text()
 
 
 def test_weight_names_follow_the_spec(checkpoint, tmp_path):
-    """SPEC.md: a Pre-LN layer's norms are input_layernorm (before attention) and
+    """docs/placements.md: a Pre-LN layer's norms are input_layernorm (before attention) and
     post_attention_layernorm (before the MLP); a Post-LN layer's are post_attention_layernorm (after
     the attention add) and post_feedforward_layernorm (after the MLP add), with no input_layernorm."""
     spec = {
@@ -183,8 +182,10 @@ def test_sharded_bf16_export_loads_through_its_index(checkpoint, tmp_path):
 def test_export_reads_one_module_at_a_time(checkpoint, tmp_path, monkeypatch):
     """Peak memory ≈ one layer: every DCP read asks for at most one block's (or the embedding's)
     tensors, never the model."""
+    from megamix.checkpoint import dcp as dcp_module
+
     requested = []
-    real_load = export_module.dcp.load
+    real_load = dcp_module.dcp.load
 
     def spy(state_dict, **kwargs):
         requested.append(sum(t.numel() * t.element_size() for t in state_dict["model"].values()))
@@ -192,7 +193,7 @@ def test_export_reads_one_module_at_a_time(checkpoint, tmp_path, monkeypatch):
 
     run = checkpoint("mix")
     model = load_model(run)
-    monkeypatch.setattr(export_module.dcp, "load", spy)
+    monkeypatch.setattr(dcp_module.dcp, "load", spy)
     export_checkpoint(run, tmp_path / "streamed", dtype="fp32")
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     largest_module = max(sum(p.numel() * 4 for p in m.parameters())

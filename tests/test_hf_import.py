@@ -13,11 +13,11 @@ from conftest import TINY, write_corpus
 from safetensors.torch import load_file
 
 from megamix import load_model
+from megamix.checkpoint import latest_checkpoint
 from megamix.config import load_config
 from megamix.hf.export import export_checkpoint
 from megamix.hf.importer import import_hf
 from megamix.hf.tokenizer import save_tokenizer
-from megamix.train.checkpoint import latest_checkpoint
 from megamix.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +97,7 @@ def test_megamix_export_imports_back_with_its_placements(tmp_path):
     export_checkpoint(tmp_path / "trained", tmp_path / "hf", dtype="fp32")
     import_hf(tmp_path / "hf", tmp_path / "reimported")
     original, reimported = load_model(tmp_path / "trained"), load_model(tmp_path / "reimported")
-    assert reimported.placements == ["post", "post", "pre", "pre"] and reimported.norm.kind == "layer"
+    assert reimported.schemes == ["post", "post", "pre", "pre"] and reimported.norm.kind == "layer"
     tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(original(tokens), reimported(tokens))
@@ -110,12 +110,13 @@ def test_imported_checkpoint_fine_tunes_from_its_weights(tmp_path):
     cfg = load_config(tmp_path / "run" / "config.yaml", [f"data.path={tmp_path / 'corpus'}", "train.steps=2",
                                                           "train.eval_interval=0", "train.tensorboard=false",
                                                           "train.progress_bar=false", "train.global_batch_size=4",
-                                                          "train.micro_batch_size=4", "data.seq_len=32"])
+                                                          "train.micro_batch_size=4", "data.seq_len=32",
+                                                          "data.split=90,10"])
     trainer = Trainer(cfg, device="cpu")
     assert trainer.step == 0 and trainer.resumed_from == latest_checkpoint(tmp_path / "run")
     expected = load_file(source / "model.safetensors")["model.layers.1.mlp.up_proj.weight"].float()
-    assert torch.equal(trainer.model.layers["1"].mlp.up_proj.weight.detach(), expected)
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert torch.equal(trainer.engine.model.layers["1"].mlp.up_proj.weight.detach(), expected)
+    assert trainer.engine.optimizer.param_groups[0]["weight_decay"] == 0.1
     trainer.run()
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
 

@@ -70,7 +70,7 @@ def test_text_perplexity_is_the_full_context_loss_when_documents_fit_in_a_window
     with torch.no_grad():
         for doc in docs:
             ids = torch.tensor([[2, *tokenizer.encode(doc)]])
-            nll += F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="sum").item()
+            nll += F.cross_entropy(model(ids[:, :-1])[0].double(), ids[0, 1:], reduction="sum").item()
             tokens += ids.shape[1] - 1
     assert result["tokens"] == tokens
     assert result["token_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-6)

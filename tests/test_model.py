@@ -1,4 +1,4 @@
-"""The model against independent references: SPEC.md's formulas written out by hand here, and
+"""The model against independent references: the papers' formulas (docs/placements.md) written out by hand here, and
 Hugging Face's LlamaForCausalLM for the Pre-LN LLaMA and its parameter counts."""
 
 import math
@@ -26,7 +26,7 @@ def per_layer_params(h, i, kv=None):
 def test_paper_configs_count_the_spec_parameters(name, hidden, inter, layers, expected):
     by_formula = layers * per_layer_params(hidden, inter) + 2 * 32000 * hidden + hidden
     if expected is not None:
-        assert by_formula == expected  # SPEC.md: 32 × 202,383,360 + 2 × 131,072,000 + 4,096
+        assert by_formula == expected  # docs/recipes.md: 32 × 202,383,360 + 2 × 131,072,000 + 4,096
     cfg = validate(load_config(f"configs/{name}.yaml"))
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.norm)
@@ -88,7 +88,7 @@ def mlp_ref(block, x):
 
 
 def block_ref(block, x, cos, sin, kind, layer_index, norm_type="rmsnorm", a=None):
-    """SPEC.md's table, per sublayer F."""
+    """The placement table (docs/placements.md), per sublayer F."""
     def N(name, t, scale=1.0):
         n = getattr(block, name)
         out = rms(t, n.weight) if norm_type == "rmsnorm" else ln(t, n.weight, n.bias)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from megamix.cli import main
-from megamix.config import ConfigError, load_config
-from megamix.model import Transformer, layer_placements
-from megamix.parallel.mesh import check_layout
+from megamix.config import ConfigError, load_config, validate
+from megamix.model import Transformer
 from megamix.parallel.pipeline import RankModel, keep_stage
 from megamix.parallel.stages import stages_of_rank
 from megamix.plan import built_params_per_rank, params_per_rank
+from megamix.schemes import layer_schemes
 
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=4",
         "model.num_kv_heads=2", "model.num_layers=8", "model.max_seq_len=64", "data.seq_len=32",
@@ -45,25 +45,25 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size
 def test_bad_layouts_are_config_errors_naming_the_field(overrides, world, field):
     cfg = load_config(None, TINY + overrides)
     with pytest.raises(ConfigError) as error:
-        check_layout(cfg, world)
+        validate(cfg, world_size=world)
     assert error.value.field == field
 
 
 def test_a_valid_layout_fills_in_dp():
-    cfg = check_layout(load_config(None, TINY + ["parallel.tp=2", "parallel.pp=2"]), 8)
+    cfg = validate(load_config(None, TINY + ["parallel.tp=2", "parallel.pp=2"]), world_size=8)
     assert cfg.parallel.dp == 2
 
 
 def test_stages_hold_their_global_layers_with_the_placement_alpha_gives():
     cfg = load_config(None, TINY + ["norm.scheme=mix", "norm.alpha=0.25", "parallel.stage_layers=[1,3,4]"])
-    expected = layer_placements(cfg.norm, 8)
+    expected = layer_schemes(cfg.norm, 8)
     assert expected == ["post", "post"] + ["pre"] * 6
     model = Transformer(cfg.model, cfg.norm)
     held = {}
     for stage in range(3):
         part = keep_stage(copy.deepcopy(model), stage, 3, [1, 3, 4])
         held[stage] = [int(k) for k in part.layers]
-        assert all(block.placement == expected[block.layer_index] for block in part.layers.values())
+        assert all(block.scheme == expected[block.layer_index] for block in part.layers.values())
         assert (part.embed_tokens is not None) == (stage == 0)
         assert (part.lm_head is not None) == (part.norm is not None) == (stage == 2)
     # The two Post-LN layers straddle the first stage boundary and stay Post-LN on both sides.
@@ -93,7 +93,7 @@ def test_a_rank_with_virtual_stages_names_parameters_as_the_full_model():
 
 def test_7b_under_tp4_pp2_builds_on_meta_with_per_rank_counts_summing_to_the_spec():
     cfg = load_config("configs/llama_7b.yaml", ["parallel.tp=4", "parallel.pp=2"])
-    check_layout(cfg, 8)
+    validate(cfg, world_size=8)
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.norm)
     built, shapes = built_params_per_rank(cfg, model)

@@ -60,14 +60,12 @@ def reference(data: str, model: tuple[str, ...], steps: int) -> tuple[list[dict]
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(load_config(None, base(Path(data), f"train.output_dir={out}", *model)))
     grads = {}
-    step_optimizer = trainer.optimizer.step
 
-    def capture(*args, **kwargs):
+    def capture(engine):
         if not grads:
-            grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
-        return step_optimizer(*args, **kwargs)
+            grads.update({n: p.grad.detach().clone() for n, p in engine.model.named_parameters()})
 
-    trainer.optimizer.step = capture
+    trainer.engine.before_optimizer_step.append(capture)
     records = [trainer.train_step() for _ in range(steps)]
     return records, grads, trainer.evaluate()
 
@@ -231,9 +229,9 @@ def test_load_model_reads_the_3d_checkpoint_as_one_plain_model(data, three_d):
         reference_run.train_step()
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = reference_run.model.eval()(tokens)
+        expected = reference_run.engine.model.eval()(tokens)
         torch.testing.assert_close(model(tokens), expected, rtol=0, atol=RTOL * float(expected.abs().max()))
-    assert model.placements == ["post", "post"] + ["pre"] * 6
+    assert model.schemes == ["post", "post"] + ["pre"] * 6
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ def test_7b_plan_runs_without_allocating_and_counts_the_spec_parameters(capsys):
     plan = plan_json(capsys, "--config", "configs/llama_7b.yaml")
     assert plan["params_total"] == 6_738_415_616
     assert [row["index"] for row in plan["layers"]] == list(range(32))
-    # alpha = 0.0625 on 32 layers: layers 0 and 1 are Post-LN (SPEC.md, the paper's 7B run)
+    # alpha = 0.0625 on 32 layers: layers 0 and 1 are Post-LN (docs/placements.md, the paper's 7B run)
     assert [row["norm"] for row in plan["layers"]] == ["post"] * 2 + ["pre"] * 30
     assert {row["stage"] for row in plan["layers"]} == {0, 1}
 

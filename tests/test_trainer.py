@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 
+from megamix.checkpoint import CheckpointError, latest_checkpoint
+from megamix.checkpoint.dcp import load_checkpoint
 from megamix.config import validate
-from megamix.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from megamix.model import lm_loss
 from megamix.train.optim import lr_at
-from megamix.train.trainer import Trainer, language_model_loss
+from megamix.train.trainer import Trainer
 
 
 def losses(history):
@@ -25,11 +27,11 @@ def test_tiny_model_overfits_one_batch(tiny_config):
     tokens = trainer.batch(trainer.train_data, list(range(8)))
     first = None
     for _ in range(60):
-        loss = language_model_loss(trainer.model(tokens[:, :-1]), tokens)
+        loss = lm_loss(trainer.engine.model(tokens[:, :-1]), tokens[:, 1:])
         first = first if first is not None else loss.item()
         loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
+        trainer.engine.optimizer.step()
+        trainer.engine.optimizer.zero_grad()
     assert first > 5.0 and loss.item() < 0.05
 
 
@@ -91,10 +93,10 @@ def test_corrupt_checkpoint_metadata_is_an_error_naming_the_file(tiny_config, tm
     import pickle
     (ckpt / ".metadata").write_bytes(pickle.dumps(print))  # would call a function if unpickled blindly
     with pytest.raises(CheckpointError, match=r"\.metadata"):
-        load_checkpoint(ckpt, trainer.model)
+        load_checkpoint(ckpt, trainer.engine.model)
     (ckpt / ".metadata").write_bytes(b"\x80\x04trunc")
     with pytest.raises(CheckpointError, match=r"\.metadata"):
-        load_checkpoint(ckpt, trainer.model)
+        load_checkpoint(ckpt, trainer.engine.model)
 
 
 def test_truncated_checkpoint_shard_is_an_error_naming_the_checkpoint(tiny_config, tmp_path):
@@ -104,7 +106,7 @@ def test_truncated_checkpoint_shard_is_an_error_naming_the_checkpoint(tiny_confi
     (shard,) = ckpt.glob("*.distcp")
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="step_0000002"):
-        load_checkpoint(ckpt, trainer.model, trainer.optimizer)
+        load_checkpoint(ckpt, trainer.engine.model, trainer.engine.optimizer)
 
 
 def test_metrics_hold_the_promised_fields_and_per_layer_grad_norms(tiny_config, tmp_path):
@@ -124,14 +126,12 @@ def test_metrics_hold_the_promised_fields_and_per_layer_grad_norms(tiny_config, 
 def test_per_layer_grad_norm_is_the_root_of_summed_squares(tiny_config):
     trainer = Trainer(tiny_config("train.steps=1", "train.warmup_steps=0"))
     captured = {}
-    original = trainer.optimizer.step
 
-    def spy(*a, **k):
-        for i, block in trainer.model.layers.items():
+    def spy(engine):
+        for i, block in engine.model.layers.items():
             captured[int(i)] = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in block.parameters()))
-        return original(*a, **k)
 
-    trainer.optimizer.step = spy
+    trainer.engine.before_optimizer_step.append(spy)
     record = trainer.train_step()
     for i, value in captured.items():  # each parameter's norm accumulates in fp32, as clip_grad_norm_'s does
         assert record[f"grad_norm/layer_{i:02d}"] == pytest.approx(value, rel=1e-6)
@@ -142,7 +142,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, tmp_path):
     b = Trainer(tiny_config("train.micro_batch_size=8", "train.global_batch_size=8", f"train.output_dir={tmp_path}/b"))
     ra, rb = a.train_step(), b.train_step()
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+    for pa, pb in zip(a.engine.model.parameters(), b.engine.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
 
 
@@ -155,11 +155,11 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_min_lr(tiny_config):
 
 def test_grad_clip_limits_the_update_norm(tiny_config):
     trainer = Trainer(tiny_config("train.grad_clip=0.01"))
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    before = [p.detach().clone() for p in trainer.engine.model.parameters()]
     record = trainer.train_step()
     assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    assert all(torch.isfinite(p).all() for p in trainer.engine.model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.engine.model.parameters()))
 
 
 def test_load_model_gives_the_trained_models_logits(tiny_config, tmp_path):
@@ -169,8 +169,8 @@ def test_load_model_gives_the_trained_models_logits(tiny_config, tmp_path):
     loaded = megamix.load_model(tmp_path / "run")
     tokens = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens), trainer.model.eval()(tokens), rtol=0, atol=0)
-    assert loaded.placements == ["post", "post", "pre", "pre"]
+        torch.testing.assert_close(loaded(tokens), trainer.engine.model.eval()(tokens), rtol=0, atol=0)
+    assert loaded.schemes == ["post", "post", "pre", "pre"]
 
 
 def test_evaluate_command_equals_loss_over_consecutive_windows(tiny_config, tmp_path, capsys):

@@ -21,6 +21,7 @@ if (_ROOT / "megamix").is_dir() and str(_ROOT) not in sys.path:
 
 from megamix.analysis.angular import TOKEN_MODES  # noqa: E402
 from megamix.analysis.report import analyze_checkpoint, default_output_dir, layer_table, write_report  # noqa: E402
+from megamix.errors import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--output", help="output directory (default: RUN/analysis)")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
+    return run_command("analyze_layers", lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
 
     result = analyze_checkpoint(args.checkpoint, args.data, args.samples, args.batch_size, args.grad_batches,
                                 args.tokens, args.seq_len, args.device)

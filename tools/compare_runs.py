@@ -19,6 +19,7 @@ if (_ROOT / "megamix").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from megamix.analysis.compare import compare_runs  # noqa: E402
+from megamix.errors import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--names", nargs="+", help="one label per run (default: the directory names)")
     p.add_argument("--output", default="comparison", help="output directory (default: ./comparison)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         p.error(f"--names has {len(args.names)} labels for {len(args.runs)} runs")
+    return run_command("compare_runs", lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
     print(compare_runs(args.runs, args.output, args.names))
     print(f"wrote {args.output}/comparison.md and its PNGs")
     return 0

@@ -23,7 +23,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "megamix").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from megamix.config import ConfigError  # noqa: E402
+from megamix.errors import run_command  # noqa: E402
 from megamix.hf.importer import import_hf  # noqa: E402
 
 
@@ -33,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="the megamix run directory to create")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of the written config (e.g. train.weight_decay=0.1); repeatable")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
-    try:
-        path = import_hf(args.hf, args.output, args.overrides)
-    except ConfigError as e:
-        print(f"convert_from_hf: config error: {e}", file=sys.stderr)
-        return 2
+    return run_command("convert_from_hf", lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = import_hf(args.hf, args.output, args.overrides)
     print(f"imported {args.hf} into {path}")
     return 0
 

@@ -23,6 +23,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "megamix").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from megamix.errors import run_command  # noqa: E402
 from megamix.hf.export import DEFAULT_MAX_SHARD_SIZE, DTYPES, export_checkpoint, verify_export  # noqa: E402
 
 
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="GB per safetensors file before sharding (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="compare the export's logits with megamix's")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
+    return run_command("convert_to_hf", lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
                             max_shard_size=int(args.max_shard_size * 1e9), overwrite=args.overwrite)
     config = json.loads((out / "config.json").read_text())

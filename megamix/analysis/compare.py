@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from megamix.analysis import plots
 from megamix.analysis.report import TOKEN_DESCRIPTION
 from megamix.analysis.runs import Run, load_run
-from megamix.model.placement import describe_placements
+from megamix.schemes import describe_schemes
 
 
 def halves(values: list[float]) -> tuple[float, float]:
@@ -88,7 +88,7 @@ def summary_table(runs: list[Run]) -> str:
         grads = training_grad_norms(run)
         cv = f"{coefficient_of_variation(grads):.2f}" if grads else "–"
         lines.append(
-            f"| {run.name} | {run.scheme} | {describe_placements(run.placements)} | {run.steps} "
+            f"| {run.name} | {run.scheme} | {describe_schemes(run.schemes)} | {run.steps} "
             f"| {_number(run.final_train_loss, '.4f')} | {_number(final['val_loss'], '.4f')} "
             f"| {_number(final['val_ppl'], '.2f')} | {_shallow_to_deep(grads)} | {cv} "
             f"| {_shallow_to_deep(angular_distances(run))} | {_shallow_to_deep(removal_costs(run), '+.3g')} |"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamix.train.metrics import layer_grad_norms
-from megamix.train.trainer import language_model_loss
+from megamix.model import lm_loss
+from megamix.parallel.grad_norm import grad_norms
 
 
 def checkpoint_grad_norms(model: nn.Module, batches: list[torch.Tensor]) -> dict:
@@ -24,8 +24,8 @@ def checkpoint_grad_norms(model: nn.Module, batches: list[torch.Tensor]) -> dict
     per_batch = []
     for tokens in batches:
         model.zero_grad(set_to_none=True)
-        language_model_loss(model(tokens[:, :-1]), tokens).backward()
-        norms = layer_grad_norms(model)
+        lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        _, norms = grad_norms(model, len(model.layers))
         per_batch.append([norms[i] for i in sorted(norms)])
     model.zero_grad(set_to_none=True)
     mean = [sum(column) / len(column) for column in zip(*per_batch)]

@@ -11,14 +11,14 @@ import math
 from collections.abc import Collection
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamix.analysis.hidden_states import logits
+from megamix.model import lm_loss
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))  # capped like megamix.evaluate: a broken model reads ~5e21, not inf
+    return math.exp(min(loss, 50.0))  # capped like the trainer's val_ppl: a broken model reads ~5e21, not inf
 
 
 @torch.no_grad()
@@ -27,8 +27,7 @@ def validation_loss(model: nn.Module, batches: list[torch.Tensor], skip: Collect
     blocks in ``skip`` removed."""
     total, count = 0.0, 0
     for tokens in batches:
-        out = logits(model, tokens[:, :-1], skip)
-        total += float(F.cross_entropy(out.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+        total += float(lm_loss(logits(model, tokens[:, :-1], skip), tokens[:, 1:], reduction="sum"))
         count += tokens[:, 1:].numel()
     return total / count
 

@@ -1,7 +1,7 @@
 """Layer-effectiveness analysis of one checkpoint, written as ``layers.json``, PNGs and TensorBoard.
 
-Three per-layer measurements on the same validation sequences (see SPEC.md's "Layer-effectiveness
-metrics"): the angular distance between each layer's input and output (and across blocks of n
+Three per-layer measurements on the same validation sequences (docs/analysis.md defines
+them): the angular distance between each layer's input and output (and across blocks of n
 layers), the loss increase when the layer is removed, and the gradient norm of each layer's
 parameters.  ``tools/analyze_layers.py`` is the command line; the norm study calls
 :func:`analyze_checkpoint` and :func:`write_report` for every run.
@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megamix import load_model
 from megamix.analysis import plots
 from megamix.analysis.angular import AngularDistances
 from megamix.analysis.grad_norms import checkpoint_grad_norms
 from megamix.analysis.hidden_states import hidden_states
 from megamix.analysis.pruning import layer_removal
 from megamix.analysis.runs import scheme_label
+from megamix.checkpoint import checkpoint_config, load_model, read_train_state, resolve_checkpoint
 from megamix.data.gpt_dataset import build_dataset
-from megamix.model.placement import describe_placements
-from megamix.train.checkpoint import checkpoint_config, read_train_state, resolve_checkpoint
+from megamix.errors import MegamixError
+from megamix.schemes import describe_schemes
+
+
+class AnalysisError(MegamixError, ValueError):
+    """A bad analysis request."""
 
 TOKEN_DESCRIPTION = {"last": "last token of each sequence", "all": "mean over all tokens"}
 
@@ -39,7 +43,7 @@ def analyze_model(model: nn.Module, batches: list[torch.Tensor], grad_batches: i
             distances.update(hidden_states(model, batch[:, :-1]))
     return {
         "num_layers": len(model.layers),
-        "placements": [block.placement for block in model.layers.values()],
+        "schemes": [block.scheme for block in model.layers.values()],
         "angular_distance": {"tokens": tokens, "per_layer": distances.per_layer(), "blocks": distances.blocks()},
         "layer_removal": layer_removal(model, batches),
         "grad_norm": checkpoint_grad_norms(model, batches[:grad_batches]),
@@ -67,7 +71,7 @@ def analyze_checkpoint(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seq_len = seq_len or cfg.data.seq_len
     if seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
+        raise AnalysisError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     if data is not None:
         dataset = build_dataset(data, "valid", "0,1", seq_len, 0, cfg.data.seed, use_split=False)
     elif cfg.data.valid_path is not None:
@@ -101,18 +105,18 @@ def default_output_dir(checkpoint: str | os.PathLike) -> Path:
 
 
 def layer_table(result: dict) -> str:
-    """One Markdown row per layer: placement, angular distance, removal cost, gradient norm."""
+    """One Markdown row per layer: scheme, angular distance, removal cost, gradient norm."""
     removal = result["layer_removal"]
     lines = [
         f"full model: val loss {removal['loss']:.4f}, ppl {removal['ppl']:.2f}  "
         f"({result['samples']} sequences of {result['seq_len']} tokens)",
         "",
-        f"| layer | placement | angular distance ({result['angular_distance']['tokens']} token) | "
+        f"| layer | scheme | angular distance ({result['angular_distance']['tokens']} token) | "
         "loss without layer | loss increase | ppl without layer | grad norm |",
         "|---|---|---|---|---|---|---|",
     ]
     for i, (kind, distance, removed, grad) in enumerate(zip(
-        result["placements"], result["angular_distance"]["per_layer"], removal["layers"], result["grad_norm"]["mean"]
+        result["schemes"], result["angular_distance"]["per_layer"], removal["layers"], result["grad_norm"]["mean"]
     )):
         lines.append(f"| {i} | {kind} | {distance:.4f} | {removed['loss']:.4f} | {removed['loss_increase']:+.4f} | "
                      f"{removed['ppl']:.2f} | {grad:.4g} |")
@@ -121,7 +125,7 @@ def layer_table(result: dict) -> str:
 
 def report_figures(result: dict) -> dict:
     """The figures of one analysis, by file stem."""
-    name = f"{result['scheme']} ({describe_placements(result['placements'])}), step {result['step']}"
+    name = f"{result['scheme']} ({describe_schemes(result['schemes'])}), step {result['step']}"
     tokens = TOKEN_DESCRIPTION[result["angular_distance"]["tokens"]]
     return {
         "angular_distance": plots.per_layer_figure(

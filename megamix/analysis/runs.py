@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamix.config import Config, NormConfig, load_config
-from megamix.model.placement import layer_placements
+from megamix.errors import MegamixError
+from megamix.schemes import MIX, layer_schemes
+
+
+class RunDirError(MegamixError, FileNotFoundError):
+    """A directory that is not a megamix run directory."""
 
 LAYERS_JSON = Path("analysis") / "layers.json"
 
@@ -25,7 +30,7 @@ class Run:
     name: str
     path: Path
     config: Config
-    placements: list[str]
+    schemes: list[str]  # per layer
     train: list[dict]  # training lines of metrics.jsonl, in order
     eval: list[dict]  # evaluation lines
     analysis: dict | None  # analysis/layers.json, if the run was analyzed
@@ -74,7 +79,7 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
     path = Path(run_dir)
     for required in ("config.yaml", "metrics.jsonl"):
         if not (path / required).is_file():
-            raise FileNotFoundError(f"{path}: no {required}; is this a megamix run directory?")
+            raise RunDirError(f"{path}: no {required}; is this a megamix run directory?")
     config = load_config(path / "config.yaml")
     train, evaluation = read_metrics(path / "metrics.jsonl")
     analysis_file = path / LAYERS_JSON
@@ -83,7 +88,7 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
         name=name or path.name,
         path=path,
         config=config,
-        placements=layer_placements(config.norm, config.model.num_layers),
+        schemes=layer_schemes(config.norm, config.model.num_layers),
         train=train,
         eval=evaluation,
         analysis=analysis,
@@ -94,5 +99,5 @@ def scheme_label(norm: NormConfig) -> str:
     """``pre``, ``mix α=0.25``, ``explicit`` (a per-layer list): how tables and legends name a scheme."""
     if norm.layers is not None:
         return "explicit"
-    return f"mix α={norm.alpha:g}" if norm.scheme == "mix" else norm.scheme
+    return f"mix α={norm.alpha:g}" if norm.scheme == MIX else norm.scheme
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megamix.errors import MegamixError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -36,7 +38,7 @@ DTYPE_CODES: dict[int, type[np.number]] = {
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedDataError(ValueError):
+class IndexedDataError(MegamixError, ValueError):
     """A ``.bin``/``.idx`` pair is missing, truncated or inconsistent."""
 
 

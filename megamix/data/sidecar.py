@@ -20,11 +20,13 @@ import json
 import os
 from pathlib import Path
 
+from megamix.errors import MegamixError
+
 FORMAT = "megamix-corpus"
 VERSION = 1
 
 
-class SidecarError(ValueError):
+class SidecarError(MegamixError, ValueError):
     """A ``PREFIX.json`` is unreadable, or disagrees with its corpus or with the model."""
 
 

@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from megamix.errors import MegamixError
+
+
+class TokenizerError(MegamixError, ValueError):
+    """A tokenizer path that holds no usable tokenizer."""
+
 # Names under which Hugging Face tokenizers commonly spell their end-of-text token, tried in this
 # order when no tokenizer_config.json / special_tokens_map.json says which one it is.
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -123,19 +129,19 @@ def load_tokenizer(path: str | os.PathLike, threads: int | None = None) -> Token
         if (path / "tokenizer.model").is_file():
             models = [path / "tokenizer.model"]
         if len(models) != 1:
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"{path}: expected a tokenizer.json (Hugging Face) or one *.model (SentencePiece), "
                 f"found {len(models)} .model files and no tokenizer.json"
             )
         return SentencePieceTokenizer(models[0], threads)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+        raise TokenizerError(f"{path}: no such tokenizer file or directory")
     if path.suffix == ".json":
         return HFTokenizer(path)
     try:
         return SentencePieceTokenizer(path, threads)
     except (RuntimeError, OSError) as e:
-        raise ValueError(f"{path}: not a SentencePiece model or tokenizer.json ({e})") from e
+        raise TokenizerError(f"{path}: not a SentencePiece model or tokenizer.json ({e})") from e
 
 
 def fingerprint(tokenizer: Tokenizer) -> str:

@@ -4,8 +4,11 @@ The exporter, the importer and the tests share these, so a name can only be wron
 No tensor is touched: megamix's rotary embedding already uses the half-split layout transformers'
 Llama expects, so q and k need no permutation, and every weight keeps its shape.
 
-Layer ℓ's norm names depend on its placement (SPEC.md, "Weight names"); ``modeling_megamix``
-builds the same names on the transformers side.
+Layer ℓ's norm names come from its scheme's row (:data:`megamix.schemes.SCHEMES`, ``hf_names``):
+Pre-LN and Post-LN layers use the names of the Mix-LN reference code, so its checkpoints and our
+exports are interchangeable (docs/placements.md).  ``config.json`` carries each layer's row as
+data (``layer_norms``), which the shipped ``modeling_megamix.py`` builds its layers from, so a new
+scheme needs no change to that file.
 """
 
 from __future__ import annotations
@@ -13,27 +16,27 @@ from __future__ import annotations
 import re
 
 from megamix.config import ModelConfig, NormConfig
-from megamix.model.placement import deepnorm_constants, layer_placements
+from megamix.errors import MegamixError
+from megamix.schemes import SCHEMES, SLOTS, SUBLAYERS, Scheme, layer_schemes, norm_attribute
 
-# megamix block attribute → HF decoder-layer attribute, per placement.
-NORM_NAMES: dict[str, dict[str, str]] = {
-    "pre": {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
-    "lns": {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
-    "post": {"attention_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
-    "deepnorm": {"attention_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
-    "peri": {
-        "attention_norm": "input_layernorm",
-        "attention_out_norm": "post_attention_layernorm",
-        "mlp_norm": "pre_feedforward_layernorm",
-        "mlp_out_norm": "post_feedforward_layernorm",
-    },
-}
+
+class HFFormatError(MegamixError, ValueError):
+    """A Hugging Face ``config.json`` describes a model megamix cannot represent."""
+
 _TOP_LEVEL = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+_SUBLAYER_MODULES = {"attention": "self_attn", "mlp": "mlp"}
 _OURS = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
 _THEIRS = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$")
 
 
-def to_hf_name(name: str, placements: list[str]) -> str:
+def norm_names(scheme: str) -> dict[str, str]:
+    """``{megamix block attribute: Hugging Face layer attribute}`` for a scheme's norms."""
+    row = SCHEMES[scheme]
+    return {norm_attribute(row, sublayer, slot): row.hf_name(sublayer, slot)
+            for sublayer in SUBLAYERS for slot in row.norms(sublayer).slots()}
+
+
+def to_hf_name(name: str, schemes: list[str]) -> str:
     """``layers.3.attention.q_proj.weight`` → ``model.layers.3.self_attn.q_proj.weight``."""
     match = _OURS.match(name)
     if match is None:
@@ -42,17 +45,15 @@ def to_hf_name(name: str, placements: list[str]) -> str:
             raise KeyError(f"no Hugging Face name for {name!r}")
         return f"{_TOP_LEVEL[module]}.{rest}"
     layer, module, rest = match.groups()
-    if module == "attention":
-        module = "self_attn"
-    elif module != "mlp":
-        norms = NORM_NAMES[placements[int(layer)]]
-        if module not in norms:
-            raise KeyError(f"{name!r}: a {placements[int(layer)]!r} layer has no {module}")
-        module = norms[module]
-    return f"model.layers.{layer}.{module}.{rest}"
+    if module in _SUBLAYER_MODULES:
+        return f"model.layers.{layer}.{_SUBLAYER_MODULES[module]}.{rest}"
+    names = norm_names(schemes[int(layer)])
+    if module not in names:
+        raise KeyError(f"{name!r}: a {schemes[int(layer)]!r} layer has no {module}")
+    return f"model.layers.{layer}.{names[module]}.{rest}"
 
 
-def from_hf_name(name: str, placements: list[str]) -> str:
+def from_hf_name(name: str, schemes: list[str]) -> str:
     """The inverse of :func:`to_hf_name`."""
     match = _THEIRS.match(name)
     if match is None:
@@ -61,32 +62,37 @@ def from_hf_name(name: str, placements: list[str]) -> str:
                 return ours + name[len(theirs):]
         raise KeyError(f"no megamix name for {name!r}")
     layer, module, rest = match.groups()
-    if module == "self_attn":
-        module = "attention"
-    elif module != "mlp":
-        kind = placements[int(layer)]
-        inverse = {theirs: ours for ours, theirs in NORM_NAMES[kind].items()}
-        if module not in inverse:
-            raise KeyError(f"{name!r}: a {kind!r} layer has no {module}")
-        module = inverse[module]
-    return f"layers.{layer}.{module}.{rest}"
+    inverse = {theirs: ours for ours, theirs in _SUBLAYER_MODULES.items()}
+    inverse.update({theirs: ours for ours, theirs in norm_names(schemes[int(layer)]).items()})
+    if module not in inverse:
+        raise KeyError(f"{name!r}: a {schemes[int(layer)]!r} layer has no {module}")
+    return f"layers.{layer}.{inverse[module]}.{rest}"
 
 
-def to_hf(state_dict: dict, placements: list[str]) -> dict:
-    return {to_hf_name(k, placements): v for k, v in state_dict.items()}
-
-
-def from_hf(state_dict: dict, placements: list[str]) -> dict:
-    return {from_hf_name(k, placements): v for k, v in state_dict.items()}
+def layer_norm_rows(norm: NormConfig, num_layers: int) -> list[dict]:
+    """Each layer's norms as data for ``modeling_megamix.py``: per sublayer the Hugging Face name
+    of its norm in each slot (``before``, ``output``, ``after``; None where it has none), the scale
+    on the ``before`` norm's output and the weight of x in the residual add."""
+    rows = []
+    for index, scheme in enumerate(layer_schemes(norm, num_layers)):
+        row = SCHEMES[scheme]
+        entry: dict = {"scheme": scheme}
+        for sublayer in SUBLAYERS:
+            present = row.norms(sublayer).slots()
+            entry[sublayer] = {slot: row.hf_name(sublayer, slot) if slot in present else None for slot in SLOTS}
+        entry["input_scale"] = row.input_scale(index, num_layers, norm)
+        entry["residual_weight"] = row.residual_weight(index, num_layers, norm)
+        rows.append(entry)
+    return rows
 
 
 def is_stock_llama(norm: NormConfig, num_layers: int) -> bool:
     """Every layer plain Pre-LN with RMSNorm: transformers' own LlamaForCausalLM is this model."""
-    return norm.type == "rmsnorm" and all(kind == "pre" for kind in layer_placements(norm, num_layers))
+    return norm.type == "rmsnorm" and all(scheme == Scheme.PRE.value for scheme in layer_schemes(norm, num_layers))
 
 
 def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
-    """``config.json`` fields for a megamix model: a ``llama`` config, plus the placement fields
+    """``config.json`` fields for a megamix model: a ``llama`` config, plus the per-layer norm rows
     of ``modeling_megamix.MegamixConfig`` (``model_type: megamix``) unless it is stock Llama."""
     fields = {
         "architectures": ["LlamaForCausalLM"],
@@ -111,9 +117,9 @@ def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
         fields.update(
             architectures=["MegamixForCausalLM"],
             model_type="megamix",
-            layer_placements=layer_placements(norm, model.num_layers),
+            layer_schemes=layer_schemes(norm, model.num_layers),
+            layer_norms=layer_norm_rows(norm, model.num_layers),
             norm_type=norm.type,
-            deepnorm_alpha=deepnorm_constants(norm, model.num_layers)[0],
         )
     return fields
 
@@ -124,7 +130,7 @@ def config_from_hf(fields: dict) -> dict:
     different model."""
     model_type = fields.get("model_type")
     if model_type not in ("llama", "megamix"):
-        raise ValueError(f"model_type {model_type!r}: only Llama (and megamix exports) can be imported")
+        raise HFFormatError(f"model_type {model_type!r}: only Llama (and megamix exports) can be imported")
     hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
     unsupported = {
         "hidden_act": (fields.get("hidden_act", "silu"), "silu"),
@@ -135,16 +141,15 @@ def config_from_hf(fields: dict) -> dict:
     }
     for key, (value, supported) in unsupported.items():
         if value != supported:
-            raise ValueError(f"{key}={value!r} is not supported by megamix's model (needs {supported!r})")
+            raise HFFormatError(f"{key}={value!r} is not supported by megamix's model (needs {supported!r})")
     rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"RoPE scaling {rope!r} is not supported by megamix's model (plain RoPE only)")
+        raise HFFormatError(f"RoPE scaling {rope!r} is not supported by megamix's model (plain RoPE only)")
     rope_theta = rope.get("rope_theta", fields.get("rope_theta", 10000.0))
     max_seq_len = fields.get("max_position_embeddings", 2048)
     norm = {"type": "rmsnorm", "scheme": "pre"}
     if model_type == "megamix":
-        norm = {"type": fields.get("norm_type", "rmsnorm"), "layers": fields["layer_placements"],
-                "deepnorm_alpha": fields.get("deepnorm_alpha", 1.0)}
+        norm = megamix_norm_config(fields)
     return {
         "model": {
             "vocab_size": fields["vocab_size"],
@@ -162,3 +167,23 @@ def config_from_hf(fields: dict) -> dict:
         "norm": norm,
         "data": {"seq_len": min(256, max_seq_len)},
     }
+
+
+def megamix_norm_config(fields: dict) -> dict:
+    """The ``norm`` section of a megamix export's ``config.json``: its per-layer schemes and the
+    residual weight of its DeepNorm layers (exports before the per-layer rows wrote
+    ``layer_placements`` and ``deepnorm_alpha``)."""
+    schemes = fields.get("layer_schemes") or fields.get("layer_placements")
+    if not isinstance(schemes, list) or len(schemes) != fields.get("num_hidden_layers"):
+        raise HFFormatError("a megamix config.json needs layer_schemes, one per layer")
+    unknown = sorted(set(schemes) - set(SCHEMES))
+    if unknown:
+        raise HFFormatError(f"layer schemes {unknown} are unknown to this megamix (known: {', '.join(SCHEMES)})")
+    norm: dict = {"type": fields.get("norm_type", "rmsnorm"), "layers": schemes}
+    weights = {row["residual_weight"] for row, scheme in zip(fields.get("layer_norms") or [], schemes)
+               if scheme == Scheme.DEEPNORM.value}
+    if "deepnorm_alpha" in fields:
+        weights = {fields["deepnorm_alpha"]}
+    if len(weights) == 1:
+        norm["deepnorm_alpha"] = float(weights.pop())
+    return norm

@@ -17,27 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
+from megamix.checkpoint import load_model
+from megamix.checkpoint.weights import WeightReader
 from megamix.config import Config
+from megamix.errors import MegamixError
 from megamix.hf.adapter import hf_config, is_stock_llama, to_hf_name
-from megamix.hf.loading import load_model
 from megamix.hf.tokenizer import SpecialTokens, save_tokenizer
-from megamix.model import Transformer
-from megamix.model.placement import layer_placements
-from megamix.train.checkpoint import (
-    CheckpointError,
-    SafeFileSystemReader,
-    checkpoint_config,
-    checkpoint_format,
-    resolve_checkpoint,
-)
+from megamix.schemes import layer_schemes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
@@ -48,68 +41,6 @@ _AUTO_MAP = {
     "AutoModel": "modeling_megamix.MegamixModel",
     "AutoModelForCausalLM": "modeling_megamix.MegamixForCausalLM",
 }
-
-
-def module_groups(cfg: Config) -> list[list[tuple[str, torch.Size]]]:
-    """The model's tensors as ``(name, shape)``, grouped by module in forward order: the
-    embedding, each block, the final norm, the head (absent when tied to the embedding)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.norm)
-    groups: dict[str, list[tuple[str, torch.Size]]] = {}
-    for name, tensor in model.state_dict().items():
-        if cfg.model.tie_embeddings and name == "lm_head.weight":
-            continue
-        parts = name.split(".")
-        module = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-        groups.setdefault(module, []).append((name, tensor.shape))
-    return list(groups.values())
-
-
-def read_tensors(checkpoint: Path, entries: list[tuple[str, torch.Size]], dtype: torch.dtype) -> dict:
-    """Just these model tensors from a DCP checkpoint, whole (DCP reassembles TP/FSDP shards)."""
-    state = {"model": {name: torch.empty(shape, dtype=dtype) for name, shape in entries}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint))
-    return state["model"]
-
-
-def checkpoint_dtype(checkpoint: Path, groups: list[list[tuple[str, torch.Size]]]) -> torch.dtype:
-    """The checkpoint's parameter dtype, after checking it holds every tensor of the model."""
-    stored = {
-        key[len("model."):]: meta
-        for key, meta in SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata.items()
-        if key.startswith("model.")
-    }
-    dtypes = set()
-    for name, shape in (entry for group in groups for entry in group):
-        meta = stored.get(name)
-        if meta is None or not hasattr(meta, "size"):
-            raise CheckpointError(f"{checkpoint}: no tensor {name!r}; was it saved from this config?")
-        if tuple(meta.size) != tuple(shape):
-            raise CheckpointError(f"{checkpoint}: {name} has shape {tuple(meta.size)}, the config says {tuple(shape)}")
-        dtypes.add(meta.properties.dtype)
-    if len(dtypes) != 1:
-        raise CheckpointError(f"{checkpoint}: mixed parameter dtypes {sorted(map(str, dtypes))}")
-    return dtypes.pop()
-
-
-def deepspeed_tensors(checkpoint: Path, groups: list[list[tuple[str, torch.Size]]]) -> dict[str, torch.Tensor]:
-    """Every model tensor of a DeepSpeed checkpoint (``parallel.engine: deepspeed``), fp32.
-
-    DeepSpeed keeps the fp32 master weights as flat partitions of whole parameter groups, so they
-    are reassembled all at once (peak memory: the fp32 model), not one module at a time as from DCP.
-    """
-    from megamix.parallel.deepspeed_engine import read_full_state_dict
-
-    state = read_full_state_dict(checkpoint)
-    for name, shape in (entry for group in groups for entry in group):
-        if name not in state:
-            raise CheckpointError(f"{checkpoint}: no tensor {name!r}; was it saved from this config?")
-        if tuple(state[name].shape) != tuple(shape):
-            raise CheckpointError(f"{checkpoint}: {name} has shape {tuple(state[name].shape)}, the config says "
-                                  f"{tuple(shape)}")
-    return state
 
 
 class SafetensorsWriter:
@@ -179,6 +110,42 @@ class SafetensorsWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+class ExportError(MegamixError, ValueError):
+    """An export cannot be written where asked (the target holds something an export must not replace)."""
+
+
+class ExportExistsError(ExportError, FileExistsError):
+    """The target exists and ``overwrite`` was not given."""
+
+
+# What an export directory holds: ours, and what ``save_pretrained`` writes for a tokenizer.
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                MODELING_FILE.name, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt"}
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _is_run_or_checkpoint(path: Path) -> bool:
+    return (path / "train_state.json").exists() or (path / "checkpoints").is_dir() or (
+        (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists())
+
+
+def check_replaceable(output: Path) -> None:
+    """Refuse to replace anything but a previous export: a run or checkpoint directory, a directory
+    inside one, or one holding files (or directories) an export does not write."""
+    for place in (output, *output.parents):
+        if _is_run_or_checkpoint(place):
+            where = "is" if place == output else "lies inside"
+            raise ExportError(f"{output} {where} a megamix run or checkpoint directory ({place}); "
+                              "--overwrite only replaces a previous export")
+    foreign = sorted(child.name for child in output.iterdir()
+                     if not (child.is_file() and (child.name in EXPORT_FILES or _SHARD_FILE.match(child.name))))
+    if foreign or not (output / "config.json").is_file():
+        listed = "it holds " + ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "") if foreign else ""
+        raise ExportError(f"{output} is not a previous export ({listed or 'no config.json'}); "
+                          "--overwrite only replaces a previous export, so nothing was deleted")
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -190,27 +157,21 @@ def export_checkpoint(
     """Export ``checkpoint`` (a checkpoint or run directory, latest checkpoint) into ``output``.
 
     The directory is assembled under a temporary name and renamed when complete, so ``output``
-    is never a half-written export.
+    is never a half-written export.  ``overwrite`` replaces a previous export only (see
+    :func:`check_replaceable`); the old one is deleted once the new one is in place.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    path = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(path)
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty (overwrite=True / --overwrite replaces it)")
-    groups = module_groups(cfg)
-    if checkpoint_format(path) == "deepspeed":
-        whole = deepspeed_tensors(path, groups)
-
-        def read(group: list[tuple[str, torch.Size]]) -> dict:
-            return {name: whole[name] for name, _ in group}
-    else:
-        stored_dtype = checkpoint_dtype(path, groups)
-
-        def read(group: list[tuple[str, torch.Size]]) -> dict:
-            return read_tensors(path, group, stored_dtype)
-    placements = layer_placements(cfg.norm, cfg.model.num_layers)
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    output = Path(output).absolute()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise ExportExistsError(f"{output} exists and is not empty (--overwrite replaces a previous export)")
+        if not output.is_dir():
+            raise ExportError(f"{output} is a file, not a previous export")
+        check_replaceable(output)
+    reader = WeightReader(checkpoint)
+    cfg = reader.cfg
+    schemes = layer_schemes(cfg.norm, cfg.model.num_layers)
     tmp = output.with_name(f".{output.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -219,19 +180,22 @@ def export_checkpoint(
         special = SpecialTokens(None, None, None)
         if tokenizer is not None:  # first: a wrong tokenizer fails in seconds, not after the weights
             special = save_tokenizer(tokenizer, tmp, cfg.model.max_seq_len, cfg.model.vocab_size)
-        entries = [(to_hf_name(name, placements), shape) for group in groups for name, shape in group]
+        entries = [(to_hf_name(name, schemes), shape) for name, shape in reader.entries]
         writer = SafetensorsWriter(tmp, entries, DTYPES[dtype], max_shard_size)
-        for group in groups:
-            for name, tensor in read(group).items():
-                writer.write(to_hf_name(name, placements), tensor)
+        for module in reader.modules():
+            for name, tensor in module.items():
+                writer.write(to_hf_name(name, schemes), tensor)
         writer.close()
         write_configs(tmp, cfg, DTYPES[dtype], special)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = output.with_name(f".{output.name}.old")
     if output.exists():
-        shutil.rmtree(output)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
     os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
     return output
 
 

@@ -29,9 +29,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megamix.checkpoint import load_model
 from megamix.data.tokenizer import load_tokenizer
-from megamix.hf.export import export_checkpoint
-from megamix.hf.loading import load_model
+from megamix.errors import MegamixError
+from megamix.hf.export import MODELING_FILE, export_checkpoint
+
+
+class EvalError(MegamixError, ValueError):
+    """A bad ``megamix eval`` request."""
 
 TEXT_TASK = "megamix_text_perplexity"
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
@@ -67,8 +72,42 @@ def prefix_token(export_dir: str | os.PathLike) -> int:
     tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True, trust_remote_code=remote_code)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
-        raise ValueError(f"{export_dir}: the tokenizer has neither BOS nor EOS to start a document with")
+        raise EvalError(f"{export_dir}: the tokenizer has neither BOS nor EOS to start a document with")
     return prefix
+
+
+class RemoteCodeError(MegamixError, ValueError):
+    """An export ships Python that megamix has not been told to trust."""
+
+
+def trust_remote_code(export_dir: str | os.PathLike, explicitly: bool = False) -> bool:
+    """Whether loading the export runs its own Python, and whether that is allowed.
+
+    A stock Llama export runs none.  An export with an ``auto_map`` runs its modeling file: allowed
+    when the user says so (``--trust-remote-code``), or when the code is exactly megamix's own
+    ``modeling_megamix.py`` (byte for byte) and the config names nothing else.  Otherwise loading
+    would execute a stranger's code, so it is refused with a named error.
+    """
+    export_dir = Path(export_dir)
+    maps = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        file = export_dir / name
+        if file.is_file():
+            maps[name] = json.loads(file.read_text()).get("auto_map") or {}
+    if not any(maps.values()):
+        return False
+    if explicitly:
+        return True
+    ours = MODELING_FILE.read_bytes()
+    theirs = export_dir / MODELING_FILE.name
+    targets = {v for m in maps.values() for v in (m.values() if isinstance(m, dict) else [m])
+               for v in (v if isinstance(v, list) else [v]) if v}
+    only_ours = all(isinstance(t, str) and t.split(".")[0] == MODELING_FILE.stem for t in targets)
+    if only_ours and not maps.get("tokenizer_config.json") and theirs.is_file() and theirs.read_bytes() == ours:
+        return True
+    raise RemoteCodeError(
+        f"{export_dir} ships Python code (auto_map: {sorted(map(str, targets))}) that is not megamix's own "
+        f"{MODELING_FILE.name}; loading it would run that code. Pass --trust-remote-code if you trust it.")
 
 
 def run_lm_eval(
@@ -80,6 +119,7 @@ def run_lm_eval(
     limit: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    trust_code: bool = False,
 ) -> dict:
     """``lm_eval --model hf`` on an export; returns lm-eval's per-task results.
 
@@ -95,13 +135,13 @@ def run_lm_eval(
     for name in tasks:
         if name == TEXT_TASK:
             if text is None:
-                raise ValueError(f"task {TEXT_TASK} needs a text file (--text)")
+                raise EvalError(f"task {TEXT_TASK} needs a text file (--text)")
             task_specs.append(text_task(text))
         else:
             task_specs.append(name)
     model_args = {
         "pretrained": str(export_dir),
-        "trust_remote_code": "auto_map" in config,
+        "trust_remote_code": trust_remote_code(export_dir, trust_code),
         "dtype": dtype,
         "add_bos_token": False,
         "prefix_token_id": prefix_token(export_dir),
@@ -164,9 +204,9 @@ def evaluate(
     """``megamix eval``: lm-eval on an export (made on the fly, in fp32, from ``checkpoint`` when
     no ``export`` is given) and, with ``compare``, megamix's own number for the text task."""
     if export is None and (checkpoint is None or tokenizer is None):
-        raise ValueError("give an export directory, or a checkpoint and its tokenizer")
+        raise EvalError("give an export directory, or a checkpoint and its tokenizer")
     if compare and (checkpoint is None or text is None):
-        raise ValueError("comparing with megamix needs the checkpoint and a text file")
+        raise EvalError("comparing with megamix needs the checkpoint and a text file")
     with tempfile.TemporaryDirectory(prefix="megamix-eval-") as scratch:
         if export is None:
             export = export_checkpoint(checkpoint, Path(scratch) / "export", tokenizer=tokenizer, dtype="fp32")

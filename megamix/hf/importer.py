@@ -20,12 +20,17 @@ from pathlib import Path
 
 import torch
 
+from megamix.checkpoint.dcp import save_checkpoint
+from megamix.checkpoint.weights import empty_model
 from megamix.config import Config, config_from_dict, parse_override, validate
+from megamix.errors import MegamixError
 from megamix.hf.adapter import config_from_hf, from_hf_name
-from megamix.model import Transformer
-from megamix.model.placement import layer_placements
-from megamix.train.checkpoint import save_checkpoint
+from megamix.schemes import layer_schemes
 from megamix.train.optim import build_optimizer
+
+
+class HFImportError(MegamixError, ValueError):
+    """A Hugging Face directory cannot be imported as asked (missing or mismatched weights, a used target)."""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -40,7 +45,7 @@ def hf_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{directory}: no model.safetensors(.index.json); only safetensors weights are read")
+        raise HFImportError(f"{directory}: no model.safetensors(.index.json); only safetensors weights are read")
     for name in files:
         with safe_open(directory / name, framework="pt") as f:
             for key in f.keys():
@@ -65,33 +70,28 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overrides: l
     hf_dir, output = Path(hf_dir), Path(output)
     cfg = import_config(hf_dir, overrides)
     if (output / "checkpoints").exists():
-        raise FileExistsError(f"{output} already holds checkpoints; import into a new run directory")
-    placements = layer_placements(cfg.norm, cfg.model.num_layers)
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.norm)
-    model = model.to_empty(device="cpu")
-    if cfg.model.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.init_weights()  # the rotary tables; every weight is overwritten below
+        raise HFImportError(f"{output} already holds checkpoints; import into a new run directory")
+    schemes = layer_schemes(cfg.norm, cfg.model.num_layers)
+    model = empty_model(cfg)  # every weight is overwritten below
     params = model.state_dict()
     loaded = set()
     with torch.no_grad():
         for hf_name, tensor in hf_tensors(hf_dir):
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old Llama checkpoints saved
                 continue
-            name = from_hf_name(hf_name, placements)
+            name = from_hf_name(hf_name, schemes)
             if name not in params:
-                raise KeyError(f"{hf_dir}: {hf_name} has no place in the model its config.json describes")
+                raise HFImportError(f"{hf_dir}: {hf_name} has no place in the model its config.json describes")
             expected = tuple(params[name].shape)
             if tuple(tensor.shape) != expected:
-                raise ValueError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, expected {expected}")
+                raise HFImportError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, expected {expected}")
             params[name].copy_(tensor)
             loaded.add(name)
     if cfg.model.tie_embeddings:
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)
     if missing:
-        raise KeyError(f"{hf_dir}: no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise HFImportError(f"{hf_dir}: no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     optimizer = build_optimizer(model, cfg.train)
     cfg.train.output_dir = str(output)
     path = save_checkpoint(output, 0, model, optimizer, {"step": 0, "consumed_samples": 0})

@@ -2,34 +2,32 @@
 
 This file is shipped inside every megamix export whose layers are not all plain Pre-LN; it is
 loaded with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.  It stands
-alone: it needs transformers (>= 5) and torch, never megamix.
+alone: it needs transformers (>= 5) and torch, never megamix, and it is the same file for every
+export (megamix can check an export's copy byte for byte against its own).
 
 Attention, MLP, rotary embeddings, KV cache and generation are transformers' own Llama code; only
-where the norms sit changes.  ``config.layer_placements`` holds one kind per layer (global index
-ℓ, N a norm, F the attention or MLP sublayer):
+where the norms sit changes, and that is data: ``config.layer_norms`` holds one row per layer,
 
-- ``pre``:      x = x + F(N(x))                     (standard LLaMA)
-- ``post``:     x = N(x + F(x))                     (original Transformer)
-- ``lns``:      x = x + F(N(x) / sqrt(ℓ + 1))       (LayerNorm Scaling)
-- ``peri``:     x = x + N_out(F(N_in(x)))           (Peri-LN)
-- ``deepnorm``: x = N(a·x + F(x)), a = config.deepnorm_alpha
+    {"scheme": "post",
+     "attention": {"before": null, "output": null, "after": "post_attention_layernorm"},
+     "mlp":       {"before": null, "output": null, "after": "post_feedforward_layernorm"},
+     "input_scale": 1.0, "residual_weight": 1.0}
 
-``config.norm_type`` is ``rmsnorm`` or ``layernorm`` (with bias); ``config.rms_norm_eps`` is the
-epsilon of every norm of either type.  A final norm precedes the LM head in every scheme.
+naming the norm (a submodule of the layer, and its weight's name) in each slot of each sublayer F:
 
-Weight names of layer ℓ's norms (``model.layers.ℓ.<name>``) by kind.  Pre-LN and Post-LN use the
-names of the Mix-LN reference code, so its checkpoints and these exports are interchangeable:
+    h = F(before(x) * input_scale)  if a "before" norm, else F(x)
+    h = output(h)                   if an "output" norm
+    x = after(residual_weight * x + h)  if an "after" norm, else x + h
 
-- ``pre``, ``lns``: ``input_layernorm`` (before attention), ``post_attention_layernorm`` (before the MLP);
-- ``post``, ``deepnorm``: ``post_attention_layernorm`` (after the attention add),
-  ``post_feedforward_layernorm`` (after the MLP add);
-- ``peri`` (Gemma 2's names): ``input_layernorm`` and ``post_attention_layernorm`` (before and on
-  the output of attention), ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm`` (the MLP's).
+so Pre-LN is ``x + F(N(x))``, Post-LN ``N(x + F(x))``, LayerNorm Scaling scales the input norm by
+1/√(ℓ+1), Peri-LN normalizes F's output too, DeepNorm weighs x by a = (2L)^¼.  ``config.norm_type``
+is ``rmsnorm`` or ``layernorm`` (with bias), ``config.rms_norm_eps`` the epsilon of every norm; a
+final norm precedes the LM head.  Pre-LN and Post-LN layers use the Mix-LN reference code's
+weight names, so its checkpoints and these exports are interchangeable.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -37,43 +35,37 @@ from torch import nn
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaRMSNorm
 
-PLACEMENTS = ("pre", "post", "lns", "peri", "deepnorm")
 NORM_TYPES = ("rmsnorm", "layernorm")
-
-# For each kind, the norms of the attention and the MLP sublayer as (before F, on F's output,
-# after the residual add); None where the kind has no such norm.
-SUBLAYER_NORMS = {
-    "pre": (("input_layernorm", None, None), ("post_attention_layernorm", None, None)),
-    "lns": (("input_layernorm", None, None), ("post_attention_layernorm", None, None)),
-    "peri": (
-        ("input_layernorm", "post_attention_layernorm", None),
-        ("pre_feedforward_layernorm", "post_feedforward_layernorm", None),
-    ),
-    "post": ((None, None, "post_attention_layernorm"), (None, None, "post_feedforward_layernorm")),
-    "deepnorm": ((None, None, "post_attention_layernorm"), (None, None, "post_feedforward_layernorm")),
+SUBLAYERS = ("attention", "mlp")
+SLOTS = ("before", "output", "after")
+PRE_LN_ROW = {
+    "scheme": "pre",
+    "attention": {"before": "input_layernorm", "output": None, "after": None},
+    "mlp": {"before": "post_attention_layernorm", "output": None, "after": None},
+    "input_scale": 1.0,
+    "residual_weight": 1.0,
 }
 
 
 class MegamixConfig(LlamaConfig):
-    """LlamaConfig plus where each layer's norms go."""
+    """LlamaConfig plus where each layer's norms go (``layer_norms``, see the module docstring)."""
 
     model_type = "megamix"
 
-    layer_placements: list[str] | None = None  # None: every layer "pre"
+    layer_norms: list[dict] | None = None  # None: every layer Pre-LN
+    layer_schemes: list[str] | None = None  # the rows' scheme names, for people reading config.json
     norm_type: str = "rmsnorm"
-    deepnorm_alpha: float = 1.0  # residual weight a of "deepnorm" layers
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.layer_placements is None:
-            self.layer_placements = ["pre"] * self.num_hidden_layers
-        if len(self.layer_placements) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_placements has {len(self.layer_placements)} entries for {self.num_hidden_layers} layers"
-            )
-        unknown = sorted(set(self.layer_placements) - set(PLACEMENTS))
-        if unknown:
-            raise ValueError(f"unknown layer placements {unknown}; expected {PLACEMENTS}")
+        if self.layer_norms is None:
+            self.layer_norms = [PRE_LN_ROW] * self.num_hidden_layers
+        if len(self.layer_norms) != self.num_hidden_layers:
+            raise ValueError(f"layer_norms has {len(self.layer_norms)} rows for {self.num_hidden_layers} layers")
+        for index, row in enumerate(self.layer_norms):
+            for sublayer in SUBLAYERS:
+                if set(row.get(sublayer, {})) != set(SLOTS):
+                    raise ValueError(f"layer_norms[{index}].{sublayer} must name the slots {SLOTS}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}; got {self.norm_type!r}")
 
@@ -85,18 +77,19 @@ def make_norm(config: MegamixConfig) -> nn.Module:
 
 
 class MegamixDecoderLayer(LlamaDecoderLayer):
-    """Llama's decoder layer with this layer's norm placement (see the module docstring)."""
+    """Llama's decoder layer with this layer's norms (its row of ``config.layer_norms``)."""
 
     def __init__(self, config: MegamixConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.placement = config.layer_placements[layer_idx]
-        del self.input_layernorm, self.post_attention_layernorm  # re-created below where the kind has them
-        self.attention_norms, self.mlp_norms = SUBLAYER_NORMS[self.placement]
-        for name in self.attention_norms + self.mlp_norms:
-            if name is not None:
-                setattr(self, name, make_norm(config))
-        self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if self.placement == "lns" else 1.0
-        self.residual_weight = config.deepnorm_alpha if self.placement == "deepnorm" else 1.0
+        row = config.layer_norms[layer_idx]
+        del self.input_layernorm, self.post_attention_layernorm  # re-created below where the row names them
+        self.norm_names = {sublayer: tuple(row[sublayer][slot] for slot in SLOTS) for sublayer in SUBLAYERS}
+        for names in self.norm_names.values():
+            for name in names:
+                if name is not None:
+                    setattr(self, name, make_norm(config))
+        self.input_scale = float(row["input_scale"])
+        self.residual_weight = float(row["residual_weight"])
 
     def forward(
         self,
@@ -117,12 +110,16 @@ class MegamixDecoderLayer(LlamaDecoderLayer):
                 **kwargs,
             )[0]
 
-        hidden_states = self.sublayer(hidden_states, attention, self.attention_norms)
-        return self.sublayer(hidden_states, self.mlp, self.mlp_norms)
+        hidden_states = self.sublayer(hidden_states, attention, self.norm_names["attention"])
+        return self.sublayer(hidden_states, self.mlp, self.norm_names["mlp"])
 
-    def sublayer(self, x: torch.Tensor, f, norms: tuple[str | None, str | None, str | None]) -> torch.Tensor:
-        before, output, after = (getattr(self, name) if name else None for name in norms)
-        h = f(before(x) * self.input_scale if self.input_scale != 1.0 else before(x)) if before else f(x)
+    def sublayer(self, x: torch.Tensor, f, names: tuple[str | None, str | None, str | None]) -> torch.Tensor:
+        before, output, after = (getattr(self, name) if name else None for name in names)
+        if before is not None:
+            h = before(x)
+            h = f(h * self.input_scale if self.input_scale != 1.0 else h)
+        else:
+            h = f(x)
         if output is not None:
             h = output(h)
         if after is not None:

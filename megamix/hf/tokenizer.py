@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamix.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from megamix.errors import MegamixError
+
+
+class TokenizerMismatchError(MegamixError, ValueError):
+    """A tokenizer that cannot be the model's, or that Hugging Face would encode differently."""
 
 # Text on which the exported tokenizer must give megamix's ids: words, whitespace runs, digits,
 # newlines, accents, CJK, emoji (byte fallback).
@@ -71,7 +76,8 @@ def save_tokenizer(
     else:
         raise TypeError(f"unsupported tokenizer {type(ours).__name__}")
     if vocab_size is not None and len(hf) > vocab_size:
-        raise ValueError(f"{source} has {len(hf)} tokens but the model only {vocab_size}: not its tokenizer")
+        raise TokenizerMismatchError(
+            f"{source} has {len(hf)} tokens but the model only {vocab_size}: not its tokenizer")
     hf.model_max_length = model_max_length
     check_same_ids(ours, hf)
     output = Path(output)
@@ -101,7 +107,7 @@ def check_same_ids(ours, hf, texts: tuple[str, ...] = PROBES) -> None:
     for text in texts:
         expected, got = ours.encode(text), hf.encode(text, add_special_tokens=False)
         if expected != got:
-            raise ValueError(
+            raise TokenizerMismatchError(
                 f"the exported tokenizer disagrees with {ours.name} on {text!r}: {got[:12]} vs {expected[:12]}; "
                 "pass a Hugging Face tokenizer directory with --tokenizer instead"
             )
@@ -153,7 +159,8 @@ def sentencepiece_to_tokenizers(model_file: str | os.PathLike):
         model = Unigram([(piece, score) for piece, score, _ in pieces], unk_id=trainer.unk_id,
                         byte_fallback=trainer.byte_fallback)
     else:
-        raise ValueError(f"{model_file}: SentencePiece model type {trainer.model_type} (only BPE and unigram)")
+        raise TokenizerMismatchError(
+            f"{model_file}: SentencePiece model type {trainer.model_type} (only BPE and unigram)")
     tokenizer = Tokenizer(model)
     steps = []
     if normalizer.precompiled_charsmap:

@@ -1,6 +1,6 @@
-"""The single-device LLaMA with per-layer norm placement."""
+"""The single-device LLaMA with per-layer norm schemes, and its loss."""
 
-from megamix.model.llama import Block, Transformer, num_parameters
-from megamix.model.placement import layer_placements, num_post_ln_layers
+from megamix.model.llama import Block, Transformer, layer_of, num_parameters
+from megamix.model.loss import lm_loss
 
-__all__ = ["Block", "Transformer", "layer_placements", "num_parameters", "num_post_ln_layers"]
+__all__ = ["Block", "Transformer", "layer_of", "lm_loss", "num_parameters"]

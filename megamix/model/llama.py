@@ -1,8 +1,8 @@
 """A LLaMA whose blocks choose their norm placement layer by layer.
 
 Read it top to bottom: rotary embeddings, attention (GQA through ``scaled_dot_product_attention``),
-the SwiGLU MLP, the block — one class that reads its placement from
-:func:`megamix.model.placement.layer_placements` — and the model.  Nothing here knows about
+the SwiGLU MLP, the block — one class that reads where its norms go from its layer scheme's row in
+:data:`megamix.schemes.SCHEMES` — and the model.  Nothing here knows about
 parallelism: tensor, pipeline and data parallelism are applied to this model from outside by
 ``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
 ``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding,
@@ -19,7 +19,7 @@ from torch import nn
 
 from megamix.config import ModelConfig, NormConfig
 from megamix.model.norms import Norm
-from megamix.model.placement import deepnorm_constants, layer_placements
+from megamix.schemes import SCHEMES, SLOTS, deepnorm_constants, layer_schemes, norm_attribute
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,55 +73,56 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention and MLP sublayers, each wrapped by the norm placement of this layer.
+    """Attention and MLP sublayers, each wrapped by the norms of this layer's scheme.
 
-    ``attention_norm``/``mlp_norm`` is the sublayer's norm: before the sublayer (pre, lns, peri's
-    input norm) or after the residual add (post, deepnorm).  Peri-LN adds ``*_out_norm`` on the
-    sublayer's output.
+    The scheme's row (:data:`megamix.schemes.SCHEMES`) says which norms a sublayer has: ``before``
+    it (F(N(x)), scaled by the row's input scale), on its ``output`` (N(F(·))) and ``after`` the
+    residual add (N(a·x + F(·)), a the row's residual weight).  Pre-LN has ``attention_norm`` before
+    attention; Post-LN has it after the add; Peri-LN adds ``attention_out_norm`` (see
+    :func:`megamix.schemes.norm_attribute`), and likewise for the MLP.
     """
 
-    def __init__(self, cfg: ModelConfig, norm: NormConfig, layer_index: int, placement: str):
+    def __init__(self, cfg: ModelConfig, norm: NormConfig, layer_index: int, scheme: str):
         super().__init__()
         self.layer_index = layer_index  # global: the same on every pipeline layout
-        self.placement = placement
-        scale = 1.0 / math.sqrt(layer_index + 1) if placement == "lns" else 1.0
-
-        def make_norm(scale: float = 1.0) -> Norm:
-            return Norm(cfg.hidden_size, norm.type, cfg.norm_eps, scale)
-
-        self.attention_norm = make_norm(scale)
-        self.attention = Attention(cfg)
-        self.mlp_norm = make_norm(scale)
-        self.mlp = MLP(cfg)
-        self.attention_out_norm = make_norm() if placement == "peri" else None
-        self.mlp_out_norm = make_norm() if placement == "peri" else None
-        self.residual_weight = deepnorm_constants(norm, cfg.num_layers)[0] if placement == "deepnorm" else 1.0
+        self.scheme = scheme
+        row = SCHEMES[scheme]
+        input_scale = row.input_scale(layer_index, cfg.num_layers, norm)
+        self.residual_weight = row.residual_weight(layer_index, cfg.num_layers, norm)
+        self.norm_names: dict[str, tuple[str | None, ...]] = {}
+        for sublayer, module in (("attention", Attention(cfg)), ("mlp", MLP(cfg))):
+            names = {slot: norm_attribute(row, sublayer, slot) for slot in row.norms(sublayer).slots()}
+            for slot, name in names.items():
+                scale = input_scale if slot == "before" else 1.0
+                setattr(self, name, Norm(cfg.hidden_size, norm.type, cfg.norm_eps, scale))
+            setattr(self, sublayer, module)
+            self.norm_names[sublayer] = tuple(names.get(slot) for slot in SLOTS)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.sublayer(x, lambda h: self.attention(h, cos, sin), self.attention_norm, self.attention_out_norm)
-        x = self.sublayer(x, self.mlp, self.mlp_norm, self.mlp_out_norm)
-        return x
+        x = self.sublayer(x, "attention", lambda h: self.attention(h, cos, sin))
+        return self.sublayer(x, "mlp", self.mlp)
 
-    def sublayer(self, x, f, norm: Norm, out_norm: Norm | None) -> torch.Tensor:
-        if self.placement in ("pre", "lns"):  # lns: the norm carries the 1/sqrt(ℓ+1) scale
-            return x + f(norm(x))
-        if self.placement == "peri":
-            return x + out_norm(f(norm(x)))
-        if self.placement == "post":
-            return norm(f(x), residual=x)  # N(x + F(x))
-        if self.placement == "deepnorm":
-            return norm(f(x), residual=self.residual_weight * x)  # N(a·x + F(x))
-        raise ValueError(f"unknown placement {self.placement!r}")
+    def sublayer(self, x: torch.Tensor, name: str, f) -> torch.Tensor:
+        before, output, after = (getattr(self, n) if n else None for n in self.norm_names[name])
+        h = f(before(x)) if before is not None else f(x)
+        if output is not None:
+            h = output(h)
+        if after is not None:  # N(a·x + h), the add fused into the norm
+            return after(h, residual=x if self.residual_weight == 1.0 else self.residual_weight * x)
+        return x + h
+
+    def norms(self) -> list[Norm]:
+        return [m for m in self.children() if isinstance(m, Norm)]
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, norm: NormConfig):
         super().__init__()
         self.cfg, self.norm_cfg = cfg, norm
-        self.placements = layer_placements(norm, cfg.num_layers)
+        self.schemes = layer_schemes(norm, cfg.num_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict(
-            {str(i): Block(cfg, norm, i, kind) for i, kind in enumerate(self.placements)}
+            {str(i): Block(cfg, norm, i, scheme) for i, scheme in enumerate(self.schemes)}
         )
         self.norm = Norm(cfg.hidden_size, norm.type, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -148,10 +149,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SPEC.md's init: N(0, init_std²) for linear and embedding weights, 1 for norms;
-        DeepNet's xavier-normal with gain b on v, o and the MLP for DeepNorm layers.  Also
-        (re)computes the rotary tables, so a model built on the meta device can be materialized
-        with ``to_empty`` and then initialized."""
+        """Weights from N(0, init_std²) (output projections scaled by 1/√(2L) with
+        ``model.scaled_init``), norms to 1; a scheme whose row says ``init: deepnet`` uses DeepNet's
+        xavier-normal instead (docs/placements.md).  Also (re)computes the rotary tables, so a model
+        built on the meta device can be materialized with ``to_empty`` and then initialized."""
         cfg = self.cfg
         if self.embed_tokens is not None:
             nn.init.normal_(self.embed_tokens.weight, std=cfg.embed_init_std or cfg.init_std)
@@ -159,26 +160,43 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         if self.norm is not None:
             self.norm.reset_parameters()
-        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_init else cfg.init_std
-        _, deepnorm_gain = deepnorm_constants(self.norm_cfg, cfg.num_layers)
         for block in self.layers.values():
-            attn, mlp = block.attention, block.mlp
-            if block.placement == "deepnorm":
-                for w in (attn.q_proj, attn.k_proj):
-                    nn.init.xavier_normal_(w.weight, gain=1.0)
-                for w in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                    nn.init.xavier_normal_(w.weight, gain=deepnorm_gain)
-            else:
-                for w in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                    nn.init.normal_(w.weight, std=cfg.init_std)
-                for w in (attn.o_proj, mlp.down_proj):
-                    nn.init.normal_(w.weight, std=out_std)
-            for norm in (block.attention_norm, block.mlp_norm, block.attention_out_norm, block.mlp_out_norm):
-                if norm is not None:
-                    norm.reset_parameters()
+            INIT_RULES[SCHEMES[block.scheme].init](block, cfg, self.norm_cfg)
+            for norm in block.norms():
+                norm.reset_parameters()
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+
+def init_normal(block: Block, cfg: ModelConfig, norm: NormConfig) -> None:
+    """N(0, init_std²); the output projections (o, down) with std init_std/√(2L) under ``scaled_init``."""
+    attn, mlp = block.attention, block.mlp
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_init else cfg.init_std
+    for w in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        nn.init.normal_(w.weight, std=cfg.init_std)
+    for w in (attn.o_proj, mlp.down_proj):
+        nn.init.normal_(w.weight, std=out_std)
+
+
+def init_deepnet(block: Block, cfg: ModelConfig, norm: NormConfig) -> None:
+    """DeepNet: xavier-normal with gain 1 on q and k, gain b = (8L)^-¼ on v, o and the MLP."""
+    attn, mlp = block.attention, block.mlp
+    _, gain = deepnorm_constants(norm, cfg.num_layers)
+    for w in (attn.q_proj, attn.k_proj):
+        nn.init.xavier_normal_(w.weight, gain=1.0)
+    for w in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        nn.init.xavier_normal_(w.weight, gain=gain)
+
+
+INIT_RULES = {"normal": init_normal, "deepnet": init_deepnet}  # a scheme row's ``init`` names one
+
+
+def layer_of(name: str) -> int | None:
+    """The global layer index of a parameter name (``layers.12.mlp.up_proj.weight`` → 12), None for
+    the embedding, final norm and head; every per-layer statistic reads names through this."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" else None
 
 
 def num_parameters(model: nn.Module) -> int:

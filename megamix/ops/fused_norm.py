@@ -49,16 +49,9 @@ def norm(
     return fused_add_norm(x, None, weight, bias, eps, kind, scale)[0]
 
 
-def fused_add_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    kind: str = "rms",
-    scale: float = 1.0,
-    residual_in_fp32: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
+                   residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N(x + residual) * scale, x + residual)``; ``residual=None`` means no add.
 
     The sum is rounded to the residual stream's dtype (``x + residual``'s, or at least fp32 with
@@ -85,16 +78,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def add_norm_reference(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    kind: str = "rms",
-    scale: float = 1.0,
-    residual_in_fp32: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
+                       residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch path of :func:`fused_add_norm`: plain torch, differentiated by autograd."""
     dtype = stream_dtype(x, residual, residual_in_fp32)
     s = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
@@ -114,16 +100,9 @@ def add_norm_reference(
     return y.to(x.dtype), s
 
 
-def add_norm_op(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    kind: str = "rms",
-    scale: float = 1.0,
-    residual_in_fp32: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
+                residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_add_norm` through the ``megamix::add_norm_fwd`` operator (CUDA kernel or CPU)."""
     y, s, _, _ = torch.ops.megamix.add_norm_fwd(
         x, residual, weight, bias, eps, kind == "rms", scale, residual_in_fp32

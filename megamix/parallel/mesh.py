@@ -15,34 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megamix.config import Config, ConfigError, validate
+from megamix.config import Config
 
 MESH_DIMS = ("pp", "dp", "tp")
-
-
-def check_layout(cfg: Config, world_size: int) -> Config:
-    """:func:`megamix.config.validate` plus what only the parallel layout can break; every problem
-    is a :class:`ConfigError` naming the field, raised before any process group exists."""
-    validate(cfg, world_size=world_size, for_training=False)
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    if m.vocab_size % p.tp:
-        raise ConfigError("parallel.tp", f"tp={p.tp} does not divide vocab_size {m.vocab_size} (vocab-parallel head)")
-    if p.sequence_parallel and cfg.data.seq_len % p.tp:
-        raise ConfigError("parallel.sequence_parallel", f"tp={p.tp} does not divide data.seq_len {cfg.data.seq_len}")
-    if p.pp > 1 and m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings", "a tied embedding cannot span pipeline stages; untie it or use pp=1")
-    if p.schedule == "zero_bubble" and p.pp > 1 and p.activation_checkpoint != "none":
-        raise ConfigError("parallel.activation_checkpoint",
-                          "the zero_bubble schedule splits backward into input and weight passes, "
-                          "which activation checkpointing cannot replay; use activation_checkpoint: none")
-    micro_batches = t.global_batch_size // (t.micro_batch_size * (p.dp or 1))
-    if p.pp > 1 and p.schedule in ("interleaved_1f1b", "zero_bubble") and micro_batches % p.pp:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"the {p.schedule} schedule needs the micro-batches per step ({micro_batches} = global batch / "
-            f"(micro batch × dp)) to be a multiple of pp={p.pp}",
-        )
-    return cfg
 
 
 def init_distributed(timeout_s: float = 1800.0) -> int:
@@ -95,18 +70,6 @@ class ParallelMesh:
     @property
     def pp_group(self) -> dist.ProcessGroup:
         return self.mesh.get_group("pp")
-
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("tp")
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("dp")
-
-    @property
-    def is_last_stage_rank(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
     def __repr__(self) -> str:
         return (f"ParallelMesh(pp={self.pp}, dp={self.dp}, tp={self.tp}; "

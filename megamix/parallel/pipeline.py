@@ -56,7 +56,7 @@ class RankModel(nn.Module):
 
     def __init__(self, stages: list[Transformer]):
         super().__init__()
-        self.placements = stages[0].placements
+        self.schemes = stages[0].schemes
         self.embed_tokens = next((s.embed_tokens for s in stages if s.embed_tokens is not None), None)
         self.layers = nn.ModuleDict({key: block for s in stages for key, block in s.layers.items()})
         self.norm = next((s.norm for s in stages if s.norm is not None), None)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -30,7 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from megamix.model import Transformer
+from megamix.model import Transformer, lm_loss
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -84,7 +83,7 @@ def vocab_parallel_cross_entropy(
     and the target logits across ranks.  Call it, and the ``backward`` of its result, inside
     ``torch.distributed.tensor.parallel.loss_parallel()``."""
     logits = DTensor.from_local(local_logits, tp_mesh, [Shard(-1)], run_check=False)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).to_local()
+    return lm_loss(logits, targets).to_local()
 
 
 def is_tensor_parallel(param: torch.Tensor, tp_mesh: DeviceMesh) -> bool:

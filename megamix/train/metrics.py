@@ -1,10 +1,9 @@
-"""What a run reports: ``metrics.jsonl``, TensorBoard, a console line, and the numbers behind
-them (per-layer gradient norms, model FLOPs per token, MFU)."""
+"""What a run reports: ``metrics.jsonl`` and TensorBoard, and the numbers behind them (model
+FLOPs per token, MFU; per-layer gradient norms come from :mod:`megamix.parallel.grad_norm`)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -12,25 +11,6 @@ import torch
 
 # Dense bf16 peak FLOP/s of common training GPUs, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-
-
-def layer_grad_norms(model: torch.nn.Module) -> dict[int, float]:
-    """sqrt(Σ‖∇W‖²) over each layer's parameters, keyed by global layer index (local gradients:
-    parallel code combines the squares across ranks before taking the root)."""
-    squares = layer_grad_squares(model)
-    return {i: math.sqrt(s) for i, s in squares.items()}
-
-
-def layer_grad_squares(model: torch.nn.Module) -> dict[int, float]:
-    out = {}
-    for key, block in model.layers.items():
-        total = torch.zeros((), dtype=torch.float64)
-        for p in block.parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                total += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square().cpu()
-        out[int(key)] = float(total)
-    return out
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int, embedding_params: int) -> float:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": checkpoint saved, please requeue
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -40,21 +40,27 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class Preempted(SystemExit):
-    """Raised once the preemption checkpoint is committed; uncaught, it exits with ``EXIT_PREEMPTED``."""
+    """Raised once the preemption checkpoint is committed (or, during start-up, at once: there is
+    nothing to save yet); uncaught, it exits with ``EXIT_PREEMPTED``."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int | None):
         super().__init__(EXIT_PREEMPTED)
         self.step = step
 
 
 class StopSignals:
-    """Records SIGUSR1/SIGTERM instead of dying, so the loop can checkpoint first."""
+    """Records SIGUSR1, SIGTERM and a first SIGINT (Ctrl-C) instead of dying, so the loop can
+    checkpoint first; a second SIGINT aborts at once.  Until :meth:`training_started`, a stop signal
+    ends the process immediately: during imports, rendezvous, index building and model build there
+    is nothing to save, and waiting for the first step could outlast the scheduler's grace period.
+    """
 
     _original: dict[int, object] = {}  # the handlers before any install, restored by uninstall
     _installed: StopSignals | None = None  # the instance recording signals now
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.started = False
 
     @classmethod
     def install(cls) -> StopSignals:
@@ -71,8 +77,21 @@ class StopSignals:
         return stop
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if not self.started:
+            print(f"megamix: {signal.Signals(signum).name} during start-up: nothing to save, exiting with "
+                  f"{EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            raise Preempted(None)
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         if self.received is None:
             self.received = signum
+            if signum == signal.SIGINT:
+                print("megamix: interrupted: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+                      file=sys.stderr, flush=True)
+
+    def training_started(self) -> None:
+        """From now on a stop signal is recorded and acted on at the next step boundary."""
+        self.started = True
 
     @property
     def reason(self) -> str:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megamix.config import load_config
-from megamix.parallel.mesh import ParallelMesh, check_layout, init_distributed
+from megamix.config import validate
+from megamix.parallel.mesh import ParallelMesh, init_distributed
 from megamix.parallel.parallelize import build_model_parts
 
 MODEL = ["model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=4",
@@ -51,7 +52,7 @@ def main(out_dir: str) -> None:
     world = dist.get_world_size()
     results = {}
     for layout, overrides in LAYOUTS.items():
-        cfg = check_layout(load_config(None, MODEL + overrides), world)
+        cfg = validate(load_config(None, MODEL + overrides), world_size=world)
         mesh = ParallelMesh.from_config(cfg, "cpu")
         parts = build_model_parts(cfg, mesh, torch.device("cpu"), init="meta")
         row = {"pp": mesh.pp_rank, "tp": mesh.tp_rank, "dp": mesh.dp_rank, "params": shard_summary(parts.model)}

@@ -34,19 +34,17 @@ def capture_first_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Fill the returned dict, at the first optimizer step, with the full gradient of every
     parameter this rank holds (the moment the single-process reference captures it too)."""
     grads: dict[str, torch.Tensor] = {}
-    step_optimizer = trainer.optimizer.step
 
-    def step(*args, **kwargs):
+    def capture(engine):
         if not grads:
-            for name, param in trainer.model.named_parameters():  # same order on every rank of a stage
+            for name, param in engine.model.named_parameters():  # same order on every rank of a stage
                 grad = param.grad
                 if grad is None:
                     continue
                 grad = grad.full_tensor() if isinstance(grad, DTensor) else grad  # a collective
                 grads[name] = grad.detach().cpu().clone()
-        return step_optimizer(*args, **kwargs)
 
-    trainer.optimizer.step = step
+    trainer.engine.before_optimizer_step.append(capture)
     return grads
 
 
@@ -60,7 +58,7 @@ def probe_sharding_after_forward(trainer: Trainer) -> tuple[list[bool], torch.ut
     """Record, after each forward of the first block, whether its parameters were resharded.
 
     The hook is registered after ``fully_shard``, so it runs after FSDP's own post-forward hook."""
-    block = next(iter(trainer.stages[0].layers.values()))
+    block = next(iter(trainer.engine.stages[0].layers.values()))
     seen: list[bool] = []
 
     def hook(module, args, output):

@@ -1,4 +1,4 @@
-"""The CUDA kernels of megamix::add_norm_fwd/bwd against an fp64 computation of the SPEC formulas.
+"""The CUDA kernels of megamix::add_norm_fwd/bwd against an fp64 computation of the formulas (docs/placements.md).
 
 Tolerance rule (issue 5): the kernel's error is at most twice the error of the same computation
 done by PyTorch in the same dtype (the PyTorch path) plus a small atol, forward and backward.

@@ -1,0 +1,73 @@
+"""Pipeline parallelism: a ``torch.distributed.pipelining`` schedule runs the step's micro-batches
+through this rank's stages (1F1B, GPipe, interleaved 1F1B, zero bubble); everything else —
+optimizer, gradient norms, checkpoints, FSDP2 and tensor parallelism within a stage — is the
+plain engine's."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from megamix.config import Config
+from megamix.parallel.data_parallel import reshard
+from megamix.parallel.pipeline import build_schedule
+from megamix.train.engines.base import sum_over_world
+from megamix.train.engines.plain import PlainEngine
+
+
+class PipelineEngine(PlainEngine):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        p = cfg.parallel
+        num_stages = p.pp * p.virtual_stages
+        self.schedule = build_schedule(p.schedule, self.stages, self.stage_ids, num_stages,
+                                       self.micro_batches_per_step, self.loss, device, self.mesh.pp_group)
+        self.first_stage = 0 in self.stage_ids
+        self.last_stage = num_stages - 1 in self.stage_ids
+
+    def describe(self) -> str:
+        p = self.cfg.parallel
+        return f"{self.mesh}, {p.schedule} schedule over {p.pp * p.virtual_stages} stages"
+
+    def run_schedule(self, micro_batches: list[torch.Tensor], train: bool) -> list[torch.Tensor]:
+        """One pass of the schedule over the micro-batches; their losses on the last stage."""
+        tokens = torch.cat(micro_batches)
+        args = (tokens[:, :-1],) if self.first_stage else ()
+        targets = tokens[:, 1:] if self.last_stage else None
+        losses: list[torch.Tensor] = []
+        with self.loss_context(), self.autocast():
+            (self.schedule.step if train else self.schedule.eval)(*args, target=targets, losses=losses)
+        return losses
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
+        """One schedule step over all micro-batches; the mean loss on the last stage, else None.
+        (The schedule divides each micro-batch's gradient by their number.)"""
+        self.train()
+        losses = self.run_schedule(micro_batches, train=True)
+        self.finish_gradients()
+        return torch.stack(losses).mean().detach() if self.last_stage else None
+
+    @torch.no_grad()
+    def eval_losses(self, batches: Sequence[torch.Tensor]) -> tuple[float, int]:
+        """Forward-only schedule runs of as many batches as a training step has micro-batches; the
+        last round is padded with repeats whose losses are dropped.  Every pipeline rank runs the
+        same number of rounds: the most any data rank needs."""
+        for stage in self.stages:
+            stage.eval()
+        n = self.micro_batches_per_step
+        count = torch.tensor([math.ceil(len(batches) / n)], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        spare = batches[0] if len(batches) else torch.zeros(
+            (self.cfg.train.micro_batch_size, self.cfg.data.seq_len + 1), dtype=torch.long, device=self.device)
+        total, tokens = 0.0, 0
+        for r in range(int(count)):
+            chunk = [batches[i] for i in range(r * n, min((r + 1) * n, len(batches)))]
+            losses = self.run_schedule(chunk + [spare] * (n - len(chunk)), train=False)
+            for loss, b in zip(losses, chunk):
+                total += float(loss) * b.shape[0] * (b.shape[1] - 1)
+                tokens += b.shape[0] * (b.shape[1] - 1)
+        reshard(self.stages)
+        counted = self.last_stage and self.mesh.tp_rank == 0
+        return sum_over_world(total, tokens, self.device, counted)

@@ -1,0 +1,142 @@
+"""One process, or data and tensor parallelism without a pipeline: the model (whole, or this rank's
+FSDP2/DTensor share of it) runs each micro-batch forward and backward, accumulating gradients;
+FSDP2 reduces them over ``dp`` on the step's last micro-batch."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
+
+from megamix.checkpoint import PendingCheckpoint
+from megamix.checkpoint.dcp import load_checkpoint, save_checkpoint
+from megamix.config import Config
+from megamix.model import Transformer, lm_loss, num_parameters
+from megamix.parallel.data_parallel import reshard, set_gradient_sync
+from megamix.parallel.grad_norm import clip_gradients, grad_norms
+from megamix.parallel.mesh import ParallelMesh
+from megamix.parallel.parallelize import build_model_parts
+from megamix.parallel.tensor_parallel import reduce_sequence_parallel_grads, vocab_parallel_cross_entropy
+from megamix.train.engines.base import Engine, StepStats, forward_rounds, sum_over_world
+from megamix.train.optim import build_optimizer
+
+
+class PlainEngine(Engine):
+    """The model and torch AdamW, on one process or sharded by FSDP2 and DTensor over a mesh."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.mesh = ParallelMesh.from_config(cfg, device.type) if world_size > 1 else None
+        if self.mesh is None:
+            torch.manual_seed(cfg.train.seed)
+            self.model = Transformer(cfg.model, cfg.norm).to(device)
+            self.stages, self.stage_ids = [self.model], [0]
+            self.num_params = num_parameters(self.model)
+        else:
+            parts = build_model_parts(cfg, self.mesh, device)
+            self.model, self.stages, self.stage_ids, self.num_params = (
+                parts.model, parts.stages, parts.stage_ids, parts.num_params)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        return (self.mesh.dp_rank, self.mesh.dp) if self.mesh else (0, 1)
+
+    def describe(self) -> str:
+        return str(self.mesh) if self.mesh else ""
+
+    # -- the loss -----------------------------------------------------------------------------
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.mesh is not None and self.mesh.tp > 1
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Forward and backward of the vocab-parallel loss run under torch's ``loss_parallel``."""
+        return loss_parallel() if self.tensor_parallel else contextlib.nullcontext()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of one micro-batch (``logits`` vocab-sharded under TP)."""
+        if self.tensor_parallel:
+            return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_mesh)
+        return lm_loss(logits, targets)
+
+    # -- one step -----------------------------------------------------------------------------
+    def train(self) -> None:
+        for stage in self.stages:
+            stage.train()
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
+        """Gradient accumulation over this rank's micro-batches; returns their mean loss."""
+        self.train()
+        total = torch.zeros((), device=self.device)
+        for k, tokens in enumerate(micro_batches):
+            set_gradient_sync(self.stages, k == len(micro_batches) - 1)  # reduce over dp once per step
+            with self.loss_context():
+                with self.autocast():
+                    logits = self.model(tokens[:, :-1])
+                loss = self.loss(logits, tokens[:, 1:]) / len(micro_batches)
+                loss.backward()
+            total += loss.detach()
+        self.finish_gradients()
+        return total
+
+    def finish_gradients(self) -> None:
+        """Under sequence parallelism the norms' gradients are partial sums over each tensor rank's
+        tokens: add them up."""
+        if self.tensor_parallel and self.cfg.parallel.sequence_parallel:
+            reduce_sequence_parallel_grads(list(self.model.parameters()), self.mesh.tp_mesh)
+
+    def optimizer_step(self, lr: float, layer_norms: bool = True) -> StepStats:
+        self.run_before_optimizer_step()
+        grad_norm, per_layer = grad_norms(self.model, self.cfg.model.num_layers, self.mesh)  # one pass for both
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            if self.cfg.train.grad_clip > 0:
+                clip_gradients(self.model, grad_norm, self.cfg.train.grad_clip)
+            self.set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm, per_layer, skipped)
+
+    def reduce_loss(self, loss: torch.Tensor | None) -> float:
+        """The batch's mean loss, from the ranks that computed it (every last-stage rank, once per
+        data-parallel replica), summed over the world."""
+        if self.mesh is None:
+            return float(loss)
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
+        if loss is not None and self.mesh.tp_rank == 0:
+            value += loss.double() / self.mesh.dp
+        dist.all_reduce(value)
+        return float(value)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_losses(self, batches: Sequence[torch.Tensor]) -> tuple[float, int]:
+        for stage in self.stages:
+            stage.eval()
+
+        def loss_of(tokens: torch.Tensor) -> torch.Tensor:
+            with self.loss_context(), self.autocast():
+                return self.loss(self.model(tokens[:, :-1]), tokens[:, 1:])
+
+        shape = (self.cfg.train.micro_batch_size, self.cfg.data.seq_len + 1)
+        losses = forward_rounds(batches, loss_of, shape, self.device, collective=self.mesh is not None)
+        reshard(self.stages)
+        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        total = sum(float(loss) * b.shape[0] * (b.shape[1] - 1) for loss, b in zip(losses, batches))
+        return sum_over_world(total, tokens, self.device, counted=self.mesh is None or self.mesh.tp_rank == 0)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, output_dir: Path, step: int, train_state: dict, extra_files: dict[str, str],
+             retention: Callable[[Path], None] | None = None) -> Path | PendingCheckpoint:
+        return save_checkpoint(output_dir, step, self.model, self.optimizer, train_state, extra_files,
+                               async_save=self.cfg.train.async_save, retention=retention)
+
+    def load(self, path: Path) -> dict:
+        return load_checkpoint(path, self.model, self.optimizer)

@@ -1,0 +1,200 @@
+"""Trust: nothing a run reads can run code, nothing a user changes is silently ignored, nothing is
+lost.  Each test pins one hole a hostile or careless user found, against what should happen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import TINY, write_corpus
+
+from megamix.checkpoint import CheckpointError, latest_checkpoint
+from megamix.checkpoint.dcp import _state, load_checkpoint
+from megamix.config import ConfigError, load_config, validate
+from megamix.train.resume import ResumeMismatchError
+from megamix.train.trainer import NonFiniteError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``: what an attacker plants in a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint never runs code.
+
+
+def plant_in_dcp_byte_item(checkpoint: Path, trainer: Trainer, marker: Path) -> None:
+    """Rewrite ``checkpoint``'s shards with one optimizer value (a byte item) replaced by a payload."""
+    state = _state(trainer.engine.model, trainer.engine.optimizer)
+    key = next(k for k in state["optim"] if k.startswith("param_groups.") and k.endswith(".lr"))
+    state["optim"][key] = Payload(marker)
+    for shard in checkpoint.glob("*.distcp"):
+        shard.unlink()
+    dcp.save(state, checkpoint_id=checkpoint)
+
+
+def test_a_payload_in_a_dcp_byte_item_never_runs_on_resume_export_or_load_model(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config("train.steps=2"))
+    trainer.run()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    plant_in_dcp_byte_item(checkpoint, trainer, marker)
+    # The payload is live: torch's own reader with its default planner runs it.
+    dcp.load(_state(trainer.engine.model, trainer.engine.optimizer), checkpoint_id=checkpoint)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="not plain data"):  # resume
+        Trainer(tiny_config("train.steps=4"))
+    with pytest.raises(CheckpointError, match="not plain data"):
+        load_checkpoint(checkpoint, trainer.engine.model, trainer.engine.optimizer)
+    import megamix
+    from megamix.hf.export import export_checkpoint
+
+    megamix.load_model(checkpoint)  # the weights alone hold no byte item: safe to read
+    export_checkpoint(checkpoint, tmp_path / "hf", dtype="fp32")
+    assert not marker.exists()
+
+
+def test_a_payload_in_the_metadata_never_runs(tiny_config, tmp_path):
+    Trainer(tiny_config("train.steps=2")).run()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    import pickle
+
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    import megamix
+
+    for attempt in (lambda: Trainer(tiny_config("train.steps=4")), lambda: megamix.load_model(checkpoint)):
+        with pytest.raises(CheckpointError, match=r"\.metadata"):
+            attempt()
+    assert not marker.exists()
+
+
+def test_eval_runs_an_exports_code_only_when_it_is_megamixs_own_or_trusted(tiny_config, tmp_path):
+    pytest.importorskip("transformers")
+    from megamix.hf.export import export_checkpoint
+    from megamix.hf.harness import RemoteCodeError, trust_remote_code
+
+    Trainer(tiny_config("train.steps=2", "norm.scheme=post")).run()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    assert trust_remote_code(out) is True  # byte-identical to the packaged modeling_megamix.py
+    modeling = out / "modeling_megamix.py"
+    modeling.write_text(modeling.read_text() + "\nimport os; os.system('touch pwned')\n")
+    with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
+        trust_remote_code(out)
+    assert trust_remote_code(out, explicitly=True) is True
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "evil.Model"
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(ROOT / "megamix" / "hf" / "modeling_megamix.py", modeling)
+    with pytest.raises(RemoteCodeError):  # our file, but the config points elsewhere
+        trust_remote_code(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing a user changes is silently ignored.
+
+
+def test_resuming_with_a_different_model_or_data_is_a_named_error(tiny_config, tmp_path):
+    Trainer(tiny_config("train.steps=2", "norm.scheme=mix", "norm.alpha=0.5")).run()
+    for change, field in (("norm.alpha=0.25", "norm.alpha"), ("model.rope_theta=500000.0", "model.rope_theta"),
+                          ("norm.scheme=pre", "norm.scheme"), ("data.seed=7", "data.seed"),
+                          ("data.seq_len=16", "data.seq_len")):
+        with pytest.raises(ResumeMismatchError, match=field):
+            Trainer(tiny_config("train.steps=4", "norm.scheme=mix", "norm.alpha=0.5", change))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "alpha: 0.5" in saved  # the run's config was not overwritten by a refused one
+    # Allowed changes resume; an accepted identity change too.
+    Trainer(tiny_config("train.steps=4", "norm.scheme=mix", "norm.alpha=0.5", "train.lr=5e-4"))
+    Trainer(tiny_config("train.steps=4", "norm.scheme=mix", "norm.alpha=0.5", "data.seed=7",
+                        "train.accept_changes=[data.seed]"))
+
+
+@pytest.mark.parametrize("override,field", [("train.lr=.inf", "train.lr"), ("model.norm_eps=.nan", "model.norm_eps"),
+                                            ("train.adam_beta1=5", "train.adam_beta1"),
+                                            ("train.adam_beta2=1.0", "train.adam_beta2"),
+                                            ("train.nonfinite=ignore", "train.nonfinite"),
+                                            ("train.accept_changes=[nonsense]", "train.accept_changes")])
+def test_non_finite_numbers_and_impossible_betas_are_config_errors(override, field):
+    with pytest.raises(ConfigError, match=field):
+        validate(load_config(None, [override]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing is lost.
+
+
+def poison_step(trainer: Trainer, step: int) -> None:
+    """Make the gradients of ``step`` (1-based) NaN, as an overflow would."""
+
+    def hook(engine):
+        if trainer.step + 1 == step:
+            for p in engine.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+    trainer.engine.before_optimizer_step.append(hook)
+
+
+def test_a_non_finite_step_stops_the_run_keeping_the_last_good_checkpoint(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config("train.steps=6", "train.save_interval=2"))
+    poison_step(trainer, 4)
+    with pytest.raises(NonFiniteError, match="step 4"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+    assert all(torch.isfinite(p).all() for p in trainer.engine.model.parameters())  # the step was not applied
+
+
+def test_skip_mode_skips_a_non_finite_step_and_trains_on(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config("train.steps=5", "train.nonfinite=skip"))
+    poison_step(trainer, 3)
+    before = {}
+
+    def remember(engine):
+        if trainer.step + 1 == 3:
+            before.update({n: p.detach().clone() for n, p in engine.model.named_parameters()})
+
+    trainer.engine.before_optimizer_step.insert(0, remember)
+    history = trainer.run()
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5] and history[2].get("skipped")
+    assert all(torch.isfinite(p).all() for p in trainer.engine.model.parameters())
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 3, "event": "nonfinite_step_skipped"} in events
+
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny_config, tmp_path):
+    write_corpus(tmp_path / "corpus")
+    cfg = tmp_path / "cfg.yaml"
+    load_config(None, TINY + [f"data.path={tmp_path / 'corpus'}", f"train.output_dir={tmp_path / 'run'}",
+                              "train.steps=400"]).save(cfg)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "megamix", "train", "--config", str(cfg)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = __import__("time").monotonic() + 60
+        while not (tmp_path / "run" / "metrics.jsonl").exists():
+            assert first.poll() is None and __import__("time").monotonic() < deadline
+            __import__("time").sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "megamix", "train", "--config", str(cfg)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert f"pid {first.pid}" in second.stderr and "in use" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
