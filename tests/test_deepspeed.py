@@ -257,7 +257,7 @@ def test_deepspeed_checkpoint_converts_to_hugging_face_with_matching_logits(data
 
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True,
                                               local_files_only=True).eval()
-    trained = reference(str(data), FIVE_STEPS, 5)[2].model.eval()
+    trained = reference(str(data), FIVE_STEPS, 5)[2].engine.model.eval()
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained(tokens)

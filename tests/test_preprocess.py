@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from make_demo_corpus import documents  # noqa: E402
 
+from megamix.data.indexed import IndexedDataset  # noqa: E402
+from megamix.data.sidecar import read_sidecar  # noqa: E402
 from megamix.data.tokenizer import (  # noqa: E402
     HFTokenizer,
     SentencePieceTokenizer,
@@ -113,6 +115,15 @@ def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def error_line(proc: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The tool failed with ``code`` and said why in one ``preprocess_c4: ...`` line, no traceback."""
+    assert proc.returncode == code, f"exit code {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("preprocess_c4: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def summary_count(stdout: str, label: str) -> int:
     match = re.search(rf"^{label}\s+([\d,]+)", stdout, re.MULTILINE)
     assert match, f"no {label!r} in summary:\n{stdout}"
@@ -155,12 +166,52 @@ def test_c4_shards_read_by_megatron_equal_sentencepiece_ids_plus_eos(c4_run, sp,
     assert not (tmp / "w1.shards").exists(), "the work dir is removed after a successful merge"
 
 
+def one_process_run(c4_run, sp_model) -> Path:
+    """The first test's output (made again when that test was not selected)."""
+    inputs, _, tmp = c4_run
+    if not Path(f"{tmp / 'w1'}.json").exists():
+        run_tool("--input", *inputs, "--output-prefix", tmp / "w1", "--tokenizer", sp_model, "--workers", 1)
+    return tmp / "w1"
+
+
 def test_two_workers_write_the_same_bytes_as_one(c4_run, sp_model):
     inputs, _, tmp = c4_run
-    if not Path(f"{tmp / 'w1'}.bin").exists():
-        run_tool("--input", *inputs, "--output-prefix", tmp / "w1", "--tokenizer", sp_model, "--workers", 1)
+    w1 = one_process_run(c4_run, sp_model)
     run_tool("--input", *inputs, "--output-prefix", tmp / "w2", "--tokenizer", sp_model, "--workers", 2)
-    assert read_bytes(tmp / "w2") == read_bytes(tmp / "w1")
+    assert read_bytes(tmp / "w2") == read_bytes(w1)
+    assert Path(f"{tmp / 'w2'}.json").read_bytes() == Path(f"{w1}.json").read_bytes()
+
+
+def test_sidecar_describes_the_corpus(c4_run, sp_model):
+    """PREFIX.json: the .idx's counts, the .bin's largest id, the tokenizer's fingerprint."""
+    prefix = one_process_run(c4_run, sp_model)
+    sidecar = read_sidecar(prefix)
+    ds = IndexedDataset(prefix)
+    ids = np.fromfile(f"{prefix}.bin", dtype=np.uint16)
+    assert sidecar["documents"] == len(ds) == len(c4_run[1])
+    assert sidecar["tokens"] == int(np.sum(ds.sequence_lengths)) == ids.size
+    assert sidecar["max_id"] == int(ids.max())
+    tok = load_tokenizer(sp_model)
+    assert sidecar["tokenizer"] == {"name": str(sp_model), "fingerprint": fingerprint(tok), "vocab_size": 32000,
+                                    "eos_id": 2}
+
+
+def test_shard_slices_then_merge_only_equal_one_process(c4_run, sp_model):
+    """The job-array split (slurm/preprocess.sh): slices tokenize, --merge-only merges, same bytes."""
+    inputs, _, tmp = c4_run
+    reference = one_process_run(c4_run, sp_model)
+    args = ["--input", str(tmp / "c4" / "c4-train.*.json.gz"), "--output-prefix", tmp / "split",
+            "--tokenizer", sp_model, "--workers", 1]
+    proc = run_tool(*args, "--shard-slice", "0/2")  # inputs 0 and 2 of 3
+    assert re.search(r"^inputs\s+2 of 3", proc.stdout, re.MULTILINE), proc.stdout
+    assert not Path(f"{tmp / 'split'}.bin").exists()
+    line = error_line(run_tool(*args, "--merge-only", check=False))  # slice 1 has not run
+    assert "1 of 3 inputs have no finished shard" in line and f"{inputs[1]} (missing)" in line, line
+    run_tool(*args, "--shard-slice", "1/2")
+    run_tool(*args, "--merge-only")
+    for suffix in (".bin", ".idx", ".json"):
+        assert Path(f"{tmp / 'split'}{suffix}").read_bytes() == Path(f"{reference}{suffix}").read_bytes(), suffix
+    assert not Path(f"{tmp / 'split'}.shards").exists()
 
 
 def test_no_append_eod_and_max_docs(c4_run, sp, sp_model, megatron_dataset):
@@ -257,8 +308,7 @@ def test_malformed_line_stops_the_run_with_file_and_line(tmp_path, texts, sp_mod
     bad.write_text(json.dumps({"text": "fine"}) + "\n\n" + '{"text": "cut off\n' + json.dumps({"text": "x"}) + "\n")
     proc = run_tool("--input", good, bad, "--output-prefix", tmp_path / "out", "--tokenizer", sp_model,
                     "--workers", 2, check=False)
-    assert proc.returncode != 0
-    assert f"{bad}:3: invalid JSON" in proc.stderr
+    assert error_line(proc).startswith(f"preprocess_c4: {bad}:3: invalid JSON")
     assert not list(tmp_path.glob("out.bin*")) and not list(tmp_path.glob("out.idx*"))
     work = tmp_path / "out.shards"
     # The good input is finished and kept for a re-run; nothing of the bad one looks finished.
@@ -301,6 +351,102 @@ def test_bad_bytes_empty_and_huge_documents_are_counted_not_fatal(tmp_path, sp, 
     assert summary_count(proc.stdout, "huge documents") == 1
     texts = ["caf\ufffd au lait \ufffd\ufffd", "lone \ufffd surrogate, fine pair \U0001f680", huge, "normal"]
     assert_documents(megatron_dataset, tmp_path / "out", [sp.encode(t) + [sp.eos_id()] for t in texts])
+
+
+@pytest.mark.parametrize("case", ["empty files", "all malformed", "only empty documents"])
+def test_no_documents_is_an_error_and_writes_no_corpus(tmp_path, sp_model, case):
+    if case == "empty files":
+        inputs = [tmp_path / "a.jsonl", tmp_path / "b.txt"]
+        inputs[0].write_text("")
+        inputs[1].write_text("\n  \n\n")
+    elif case == "all malformed":
+        inputs = [tmp_path / "bad.jsonl"]
+        inputs[0].write_text('{"text": broken}\n[1, 2]\n{"body": "x"}\n')
+    else:
+        inputs = [write_jsonl(tmp_path / "blank.jsonl", ["", ""])]
+    proc = run_tool("--input", *inputs, "--output-prefix", tmp_path / "out", "--tokenizer", sp_model,
+                    "--skip-malformed", "--workers", 1, check=False)
+    line = error_line(proc)
+    assert line.startswith(f"preprocess_c4: no documents in {inputs[0]}"), line
+    assert not list(tmp_path.glob("out.*")), "no corpus, no sidecar, no work dir"
+
+
+def test_bad_input_and_arguments_are_one_line_errors(tmp_path, sp_model):
+    good = write_jsonl(tmp_path / "good.jsonl", ["some text"])
+    clash = write_jsonl(tmp_path / "doc.json", ["a .json input named like the corpus's PREFIX.json"])
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    (tmp_path / "a_file").write_text("")
+    base = ["--tokenizer", sp_model, "--workers", 1]
+    cases = {  # arguments -> what the one line must say
+        ("--input", tmp_path / "missing*.jsonl", "--output-prefix", tmp_path / "o", *base):
+            f"--input '{tmp_path / 'missing*.jsonl'}' matches no file",
+        ("--input", good, "--output-prefix", tmp_path / "o", "--tokenizer", tmp_path / "bad.model"):
+            f"{tmp_path / 'bad.model'}: not a SentencePiece model",
+        ("--input", good, "--output-prefix", tmp_path / "o", "--tokenizer", tmp_path / "none.model"):
+            f"{tmp_path / 'none.model'}: no such tokenizer file",
+        ("--input", good, "--output-prefix", tmp_path / "a_file" / "out", *base):
+            f"{tmp_path / 'a_file'} is not a directory",
+        ("--input", good, "--output-prefix", f"{tmp_path}/", *base): "is a directory; give a file prefix",
+        ("--input", clash, "--output-prefix", tmp_path / "doc", *base): f"would overwrite the input {clash}",
+    }
+    for args, expected in cases.items():
+        assert expected in error_line(run_tool(*args, check=False)), args
+    assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob("doc.[!j]*"))
+
+    bad_argument = run_tool("--input", good, "--output-prefix", tmp_path / "o", *base, "--shard-slice", "2/2",
+                            check=False)
+    assert bad_argument.returncode == 2 and "--shard-slice: '2/2'" in bad_argument.stderr
+    debug = run_tool("--input", good, "--output-prefix", tmp_path / "o", "--tokenizer", tmp_path / "none.model",
+                     "--debug", check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "NotFoundError" in debug.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_when_the_tool_is_killed(tmp_path, texts, sp_model):
+    """kill -9 of the tool mid-run leaves no worker behind (they would wait on their queue forever)."""
+    docs = texts * (16_000_000 // sum(map(len, texts)) + 1)  # ~16 MB: far from done when killed
+    write_jsonl(tmp_path / "big.jsonl", docs)
+    proc = subprocess.Popen([sys.executable, str(TOOL), "--input", str(tmp_path / "big.jsonl"), "--output-prefix",
+                             str(tmp_path / "out"), "--tokenizer", str(sp_model), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        # Both workers started, and results are coming back (the shard's .bin.tmp exists).
+        while not (len(_children(proc.pid)) >= 2 and list(tmp_path.glob("out.shards/*.bin.tmp"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the tool ended or never started its workers"
+            time.sleep(0.05)
+        children = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if _alive(pid)], "workers outlived the killed tool"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session, if the test failed
+        except ProcessLookupError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """``slurm/train.sbatch`` on a real Slurm: two CPU ranks (gloo) train a tiny model to the end; a
 SIGUSR1 (what Slurm sends ahead of a time limit) makes the job checkpoint, requeue itself and
 finish with exactly the loss of an uninterrupted job; ``kill -9`` of one rank ends the whole job
-well within the collective timeout, with a log that names the rank.
+well within the collective timeout, with a log that names the rank.  A checkout, config and run
+directory whose paths hold spaces train too; a layout the allocation cannot run fails before
+``srun``; the requeue decision (every rank exited 75, a new checkpoint, ``MEGAMIX_MAX_REQUEUES``)
+is checked with a stand-in launcher (``MEGAMIX_LAUNCHER``) that exits as told without training.
 
 The cluster is ``scripts/slurm_test_cluster.sh start`` (one node, ``auth/none``), found through
 ``SLURM_CONF``; ``.ci/run`` starts it.  Without a running Slurm these tests are skipped, unless
@@ -111,16 +114,17 @@ def cancel_leftovers():
         subprocess.run(["scancel", *SUBMITTED], env=dict(os.environ, SLURM_CONF=slurm_conf()), timeout=30)
 
 
-def submit(env: dict[str, str], workdir: Path, name: str, *overrides: str) -> Job:
+def submit(env: dict[str, str], workdir: Path, name: str, *overrides: str, sbatch: Path = SBATCH,
+           corpus: Path | None = None, extra_env: dict[str, str] | None = None) -> Job:
     """sbatch the real script for a tiny config: two ranks on the CPU (gloo), one thread each."""
     run = workdir / name
     config = workdir / f"{name}.yaml"
-    cfg = load_config(None, TINY + [f"data.path={workdir / 'corpus'}", f"train.output_dir={run}",
+    cfg = load_config(None, TINY + [f"data.path={corpus or workdir / 'corpus'}", f"train.output_dir={run}",
                                     f"train.steps={STEPS}", "train.save_interval=20", *overrides])
     cfg.save(config)
     cmd = ["sbatch", "--parsable", f"--chdir={workdir}", "--gpus-per-node=0", "--ntasks-per-node=2",
-           "--cpus-per-task=1", "--export=ALL,OMP_NUM_THREADS=1", str(SBATCH), "--config", str(config)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+           "--cpus-per-task=1", "--export=ALL,OMP_NUM_THREADS=1", str(sbatch), "--config", str(config)]
+    out = subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     SUBMITTED.append(out.stdout.strip().split(";")[0])
     return Job(SUBMITTED[-1], workdir, run)
@@ -179,3 +183,106 @@ def test_kill_9_of_one_rank_ends_the_job_within_the_timeout(slurm_env, workdir):
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", job.output[-4000:]
     assert elapsed < timeout_s, f"the job took {elapsed:.0f} s to end after the kill"
     assert "first rank to end: rank 1, killed by signal 9 (SIGKILL)" in job.output
+
+
+def test_checkout_config_and_run_dir_with_spaces(slurm_env, workdir):
+    """The scripts, the config, the corpus and the run directory all under a path with spaces."""
+    checkout = workdir / "a checkout"
+    (checkout / "slurm").mkdir(parents=True)
+    for name in ("train.sbatch", "launch.sh"):
+        shutil.copy2(ROOT / "slurm" / name, checkout / "slurm" / name)
+    (checkout / "megamix").symlink_to(ROOT / "megamix")
+    for suffix in (".bin", ".idx"):
+        shutil.copy2(workdir / f"corpus{suffix}", checkout / f"my corpus{suffix}")
+    job = submit(slurm_env, checkout, "run dir", "train.steps=3", sbatch=checkout / "slurm" / "train.sbatch",
+                 corpus=checkout / "my corpus")
+    info = job.wait(slurm_env)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.output[-4000:]
+    assert "ok: 2 processes as tp=1 pp=1 dp=2" in job.console and "training finished" in job.console
+    assert (job.run / "checkpoints" / "step_0000003" / "train_state.json").is_file()
+
+
+def test_layout_the_allocation_cannot_run_fails_before_srun(slurm_env, workdir):
+    """global batch 12 = micro batch 4 × dp 2 × 1.5: `megamix check` refuses it, no rank starts."""
+    job = submit(slurm_env, workdir, "bad_layout", "train.global_batch_size=12")
+    start = time.monotonic()
+    info = job.wait(slurm_env, timeout=120)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), job.output[-4000:]
+    assert time.monotonic() - start < 60
+    console = job.console
+    assert "megamix: config error: train.global_batch_size: 12 is not a multiple" in console, console
+    assert "config check failed for 2 ranks; no rank was started" in console
+    assert not list(job.run.glob("logs/job_*/attempt_0/rank_*.exit")) and not re.search(r"^\d+: ", console, re.M)
+
+
+# ----------------------------------------------------------------------------------------------
+# The requeue decision, with a stand-in launcher: each rank records the exit code it is told
+# (FAKE_CODES, by rank), after rank 0 optionally wrote a complete checkpoint one step past the
+# newest (FAKE_SAVE=1); every rank records before any exits, as real ranks do after the
+# collective checkpoint, so srun's --kill-on-bad-exit cannot cut one short.
+
+FAKE_LAUNCHER = """#!/usr/bin/env bash
+set -u
+run_dir=$MEGAMIX_EXIT_DIR/../../..
+if [[ $SLURM_PROCID == 0 && ${FAKE_SAVE:-0} == 1 ]]; then
+    n=$(find "$run_dir/checkpoints" -maxdepth 1 -name 'step_*' 2>/dev/null | wc -l)
+    dir=$(printf '%s/checkpoints/step_%07d' "$run_dir" $((n + 1)))
+    mkdir -p "$dir" && echo '{}' >"$dir/train_state.json"
+fi
+read -r -a codes <<<"$FAKE_CODES"
+code=${codes[$SLURM_PROCID]}
+echo "$code $(date +%s.%N)" >"$MEGAMIX_EXIT_DIR/rank_$SLURM_PROCID.exit"
+while (($(find "$MEGAMIX_EXIT_DIR" -name 'rank_*.exit' | wc -l) < SLURM_NTASKS)); do sleep 0.05; done
+echo "fake rank $SLURM_PROCID exits $code"
+exit "$code"
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_jobs(slurm_env, workdir) -> dict[str, Job]:
+    """Every stand-in job submitted at once (they run side by side on the node's slots)."""
+    launcher = workdir / "fake launch.sh"
+    launcher.write_text(FAKE_LAUNCHER)
+    launcher.chmod(0o755)
+    cases = {
+        "no_progress": {"FAKE_CODES": "75 75"},
+        "rank_crashed": {"FAKE_CODES": "75 1", "FAKE_SAVE": "1"},
+        "capped": {"FAKE_CODES": "75 75", "FAKE_SAVE": "1", "MEGAMIX_MAX_REQUEUES": "1"},
+        "bad_max_requeues": {"FAKE_CODES": "0 0", "MEGAMIX_MAX_REQUEUES": "1O"},
+    }
+    return {name: submit(slurm_env, workdir, name, extra_env={"MEGAMIX_LAUNCHER": str(launcher), **extra})
+            for name, extra in cases.items()}
+
+
+def test_no_requeue_without_a_new_checkpoint(slurm_env, fake_jobs):
+    job = fake_jobs["no_progress"]
+    info = job.wait(slurm_env, timeout=120)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), job.output[-4000:]
+    assert "not requeueing: no new checkpoint in this attempt (latest complete: no checkpoint" in job.output
+
+
+def test_no_requeue_when_a_rank_did_not_checkpoint(slurm_env, fake_jobs):
+    job = fake_jobs["rank_crashed"]
+    info = job.wait(slurm_env, timeout=120)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), job.output[-4000:]
+    assert ("not requeueing: not every rank checkpointed after the stop signal (rank 1: exit code 1); "
+            "submit again to resume from the latest complete checkpoint (step 1)") in job.output
+
+
+def test_requeue_after_progress_up_to_max_requeues(slurm_env, fake_jobs):
+    """Attempt 0 makes progress and is requeued; attempt 1 does too, but MEGAMIX_MAX_REQUEUES=1."""
+    job = fake_jobs["capped"]
+    info = job.wait(slurm_env, timeout=180)
+    output = job.output
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "1"), output[-4000:]
+    assert f"requeueing job {job.id} (this attempt: no checkpoint -> step 1); it will resume from step 1" in output
+    assert "not requeueing: 1 requeues already (MEGAMIX_MAX_REQUEUES=1)" in output
+    assert [p.read_text().split() for p in sorted(job.run.glob("logs/job_*/attempt_*/start_step"))] == [["-1"], ["1"]]
+
+
+def test_invalid_max_requeues_fails_before_srun(slurm_env, fake_jobs):
+    job = fake_jobs["bad_max_requeues"]
+    info = job.wait(slurm_env, timeout=120)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), job.output[-4000:]
+    assert "MEGAMIX_MAX_REQUEUES='1O' is not a non-negative integer" in job.output
+    assert "fake rank" not in job.output and not job.run.exists()

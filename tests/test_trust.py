@@ -198,3 +198,59 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny_co
     finally:
         first.kill()
         first.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# --overwrite replaces a previous export and nothing else.
+
+
+def test_overwrite_refuses_anything_but_a_previous_export(tiny_config, tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_to_hf
+
+    Trainer(tiny_config("train.steps=2")).run()
+    (tmp_path / "sibling_run").mkdir()
+    (tmp_path / "sibling_run" / "precious.txt").write_text("keep me")
+    run = tmp_path / "run"
+
+    def convert(output: Path) -> int:
+        return convert_to_hf.main(["--checkpoint", str(run), "--output", str(output), "--dtype", "fp32",
+                                   "--overwrite"])
+
+    (run / "analysis").mkdir()
+    (run / "analysis" / "config.json").write_text("{}")  # even export-like files, when inside a run
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for target in (run, tmp_path, run / "checkpoints", latest_checkpoint(run), run / "analysis",
+                   tmp_path / "sibling_run"):
+        assert convert(target) == 1, target
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted
+    assert convert(tmp_path / "hf") == 0 and convert(tmp_path / "hf") == 0  # a previous export is replaced
+    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / ".hf.old").exists()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    assert convert(tmp_path / "hf") == 1 and (tmp_path / "hf" / "notes.txt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors reach the user as one line, with an exit code that says which kind.
+
+
+def test_commands_print_one_line_errors_and_debug_shows_the_traceback(tiny_config, tmp_path, capsys):
+    from megamix.cli import main
+
+    Trainer(tiny_config("train.steps=2")).run()
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and "file not found" in err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", run]) == 1
+    assert "neither a complete checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "corpus"), "--micro-batch-size", "0"]) == 1
+    assert "--micro-batch-size must be positive" in capsys.readouterr().err
+    write_corpus(tmp_path / "tiny", num_docs=1)  # fewer tokens than one batch: an error, not "ppl 1.00 over 0 tokens"
+    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "tiny")]) == 1
+    assert "not one batch" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("megamix: config error: config: cannot read")
+    with pytest.raises(Exception, match="nowhere"):
+        main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "nowhere"), "--debug"])

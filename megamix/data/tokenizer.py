@@ -22,7 +22,11 @@ from megamix.errors import MegamixError
 
 
 class TokenizerError(MegamixError, ValueError):
-    """A tokenizer path that holds no usable tokenizer."""
+    """A tokenizer file that is not a usable tokenizer."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """A tokenizer path where there is no tokenizer."""
 
 # Names under which Hugging Face tokenizers commonly spell their end-of-text token, tried in this
 # order when no tokenizer_config.json / special_tokens_map.json says which one it is.
@@ -129,13 +133,13 @@ def load_tokenizer(path: str | os.PathLike, threads: int | None = None) -> Token
         if (path / "tokenizer.model").is_file():
             models = [path / "tokenizer.model"]
         if len(models) != 1:
-            raise TokenizerError(
+            raise TokenizerNotFoundError(
                 f"{path}: expected a tokenizer.json (Hugging Face) or one *.model (SentencePiece), "
                 f"found {len(models)} .model files and no tokenizer.json"
             )
         return SentencePieceTokenizer(models[0], threads)
     if not path.is_file():
-        raise TokenizerError(f"{path}: no such tokenizer file or directory")
+        raise TokenizerNotFoundError(f"{path}: no such tokenizer file or directory")
     if path.suffix == ".json":
         return HFTokenizer(path)
     try:

@@ -26,14 +26,16 @@ import time
 import traceback
 from types import FrameType, TracebackType
 
-import torch
-import torch.distributed as dist
+# torch is imported where it is used: ``megamix train`` installs the signal handlers before its
+# slow imports, so that a stop signal during start-up is already handled.
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": checkpoint saved, please requeue
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -99,6 +101,9 @@ class StopSignals:
 
     def requested(self) -> bool:
         """Whether any rank has been signalled; a collective, so every rank calls it at the same step."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a CPU tensor: gloo, beside NCCL on GPUs
