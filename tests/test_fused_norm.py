@@ -261,3 +261,15 @@ def test_benchmark_cpu_smoke_prints_a_table(capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| layer")]
     assert len(rows) == 4  # 2 hidden sizes x (fwd, fwd+bwd)
     assert all(cell.strip() for row in rows for cell in row.split("|")[1:-1])
+
+
+def test_the_dispatch_is_marked_constant_for_torch_compile_as_the_public_decorator_marks_it():
+    """fused_norm marks its dispatch function by hand, so start-up need not import dynamo; the mark
+    must be exactly what ``torch.compiler.assume_constant_result`` sets."""
+    def probe(device_type):
+        return False
+
+    before = set(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    added = {name: getattr(probe, name) for name in set(vars(probe)) - before}
+    assert added and all(getattr(fn._use_kernels, name, None) == value for name, value in added.items())

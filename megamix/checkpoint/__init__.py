@@ -33,7 +33,16 @@ from megamix.checkpoint.files import (
     step_dir_name,
 )
 from megamix.checkpoint.state import rng_state, set_rng_state
-from megamix.checkpoint.weights import load_model, read_weights
+
+
+def __getattr__(name: str):
+    """``load_model`` and ``read_weights`` on first use: they need ``torch.distributed.checkpoint``
+    (and with it DTensor), which a one-process run should not pay for at start-up."""
+    if name in ("load_model", "read_weights"):
+        from megamix.checkpoint import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module 'megamix.checkpoint' has no attribute {name!r}")
 
 __all__ = [
     "STEP_DIR",

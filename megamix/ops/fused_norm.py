@@ -154,7 +154,6 @@ def _load_cuda_kernels(distributed_barrier: bool = False) -> tuple[bool, str]:
     return _cuda_kernels
 
 
-@torch.compiler.assume_constant_result
 def _use_kernels(device_type: str) -> bool:
     """Use the CUDA kernels for tensors on ``device_type``?  Logged once per outcome."""
     if device_type != "cuda":
@@ -166,6 +165,12 @@ def _use_kernels(device_type: str) -> bool:
     loaded, how = _load_cuda_kernels()
     _log_once(f"fused_norm: CUDA kernels, {how}" if loaded else f"fused_norm: PyTorch reference path ({how})")
     return loaded
+
+
+# torch.compile treats the choice as a constant of the graph.  This is what
+# ``torch.compiler.assume_constant_result`` does, without importing dynamo (a second of start-up)
+# for runs that never compile; tests/test_fused_norm.py checks that the two stay the same.
+_use_kernels._dynamo_marked_constant = True
 
 
 def load_kernels(distributed_barrier: bool = True) -> bool:

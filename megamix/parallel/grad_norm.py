@@ -12,16 +12,25 @@ gradients through :func:`layer_grad_norms`, which reads layer indices with
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from megamix.model import layer_of
-from megamix.parallel.mesh import ParallelMesh
+
+if TYPE_CHECKING:
+    from megamix.parallel.mesh import ParallelMesh
+
+
+def _dtensor_type() -> type | None:
+    """DTensor, if anything imported it: no tensor can be one otherwise, and a one-process run
+    need not pay DTensor's import at start-up."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None else None
 
 
 def layer_grad_norms(
@@ -56,6 +65,9 @@ def copies_per_element(param: torch.Tensor, mesh: ParallelMesh | None) -> int:
     """On how many ranks of its pipeline stage each element of ``param`` lives."""
     if mesh is None:
         return 1
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     copies = mesh.dp * mesh.tp
     if isinstance(param, DTensor):
         for size, placement in zip(param.device_mesh.shape, param.placements):
@@ -66,14 +78,15 @@ def copies_per_element(param: torch.Tensor, mesh: ParallelMesh | None) -> int:
 
 def local_grads(model: nn.Module, mesh: ParallelMesh | None) -> Iterable[tuple[str, torch.Tensor, int]]:
     """``(name, local gradient, copies)`` of every parameter of this rank that has a gradient."""
+    dtensor = _dtensor_type() or ()
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
-        if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+        if isinstance(param.grad, dtensor) and param.grad.placements != param.placements:
             # e.g. the vocab-parallel embedding's gradient comes back replicated: keep only this
             # rank's shard, which is all the optimizer needs and what the count assumes.
             param.grad = param.grad.redistribute(param.grad.device_mesh, param.placements)
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        grad = param.grad.to_local() if isinstance(param.grad, dtensor) else param.grad
         yield name, grad, copies_per_element(param, mesh)
 
 

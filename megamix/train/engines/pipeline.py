@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from megamix.config import Config
-from megamix.parallel.data_parallel import reshard
 from megamix.parallel.pipeline import build_schedule
 from megamix.train.engines.base import sum_over_world
 from megamix.train.engines.plain import PlainEngine
@@ -68,6 +67,6 @@ class PipelineEngine(PlainEngine):
             for loss, b in zip(losses, chunk):
                 total += float(loss) * b.shape[0] * (b.shape[1] - 1)
                 tokens += b.shape[0] * (b.shape[1] - 1)
-        reshard(self.stages)
+        self.reshard()
         counted = self.last_stage and self.mesh.tp_rank == 0
         return sum_over_world(total, tokens, self.device, counted)

@@ -11,19 +11,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor.parallel import loss_parallel
 
 from megamix.checkpoint import PendingCheckpoint
-from megamix.checkpoint.dcp import load_checkpoint, save_checkpoint
 from megamix.config import Config
 from megamix.model import Transformer, lm_loss, num_parameters
-from megamix.parallel.data_parallel import reshard, set_gradient_sync
 from megamix.parallel.grad_norm import clip_gradients, grad_norms
-from megamix.parallel.mesh import ParallelMesh
-from megamix.parallel.parallelize import build_model_parts
-from megamix.parallel.tensor_parallel import reduce_sequence_parallel_grads, vocab_parallel_cross_entropy
 from megamix.train.engines.base import Engine, StepStats, forward_rounds, sum_over_world
 from megamix.train.optim import build_optimizer
+
+# FSDP2, DTensor and DCP are imported where a parallel run or a checkpoint needs them: one process
+# starts without them.
 
 
 class PlainEngine(Engine):
@@ -32,13 +29,19 @@ class PlainEngine(Engine):
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.mesh = ParallelMesh.from_config(cfg, device.type) if world_size > 1 else None
+        self.mesh = None
+        if world_size > 1:
+            from megamix.parallel.mesh import ParallelMesh
+
+            self.mesh = ParallelMesh.from_config(cfg, device.type)
         if self.mesh is None:
             torch.manual_seed(cfg.train.seed)
             self.model = Transformer(cfg.model, cfg.norm).to(device)
             self.stages, self.stage_ids = [self.model], [0]
             self.num_params = num_parameters(self.model)
         else:
+            from megamix.parallel.parallelize import build_model_parts
+
             parts = build_model_parts(cfg, self.mesh, device)
             self.model, self.stages, self.stage_ids, self.num_params = (
                 parts.model, parts.stages, parts.stage_ids, parts.num_params)
@@ -58,11 +61,17 @@ class PlainEngine(Engine):
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Forward and backward of the vocab-parallel loss run under torch's ``loss_parallel``."""
-        return loss_parallel() if self.tensor_parallel else contextlib.nullcontext()
+        if not self.tensor_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of one micro-batch (``logits`` vocab-sharded under TP)."""
         if self.tensor_parallel:
+            from megamix.parallel.tensor_parallel import vocab_parallel_cross_entropy
+
             return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_mesh)
         return lm_loss(logits, targets)
 
@@ -76,7 +85,7 @@ class PlainEngine(Engine):
         self.train()
         total = torch.zeros((), device=self.device)
         for k, tokens in enumerate(micro_batches):
-            set_gradient_sync(self.stages, k == len(micro_batches) - 1)  # reduce over dp once per step
+            self.set_gradient_sync(k == len(micro_batches) - 1)  # reduce over dp once per step
             with self.loss_context():
                 with self.autocast():
                     logits = self.model(tokens[:, :-1])
@@ -86,10 +95,25 @@ class PlainEngine(Engine):
         self.finish_gradients()
         return total
 
+    def set_gradient_sync(self, enabled: bool) -> None:
+        if self.mesh is not None:
+            from megamix.parallel.data_parallel import set_gradient_sync
+
+            set_gradient_sync(self.stages, enabled)
+
+    def reshard(self) -> None:
+        """Free parameters FSDP2 gathered for an evaluation forward."""
+        if self.mesh is not None:
+            from megamix.parallel.data_parallel import reshard
+
+            reshard(self.stages)
+
     def finish_gradients(self) -> None:
         """Under sequence parallelism the norms' gradients are partial sums over each tensor rank's
         tokens: add them up."""
         if self.tensor_parallel and self.cfg.parallel.sequence_parallel:
+            from megamix.parallel.tensor_parallel import reduce_sequence_parallel_grads
+
             reduce_sequence_parallel_grads(list(self.model.parameters()), self.mesh.tp_mesh)
 
     def optimizer_step(self, lr: float, layer_norms: bool = True) -> StepStats:
@@ -127,7 +151,7 @@ class PlainEngine(Engine):
 
         shape = (self.cfg.train.micro_batch_size, self.cfg.data.seq_len + 1)
         losses = forward_rounds(batches, loss_of, shape, self.device, collective=self.mesh is not None)
-        reshard(self.stages)
+        self.reshard()
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         total = sum(float(loss) * b.shape[0] * (b.shape[1] - 1) for loss, b in zip(losses, batches))
         return sum_over_world(total, tokens, self.device, counted=self.mesh is None or self.mesh.tp_rank == 0)
@@ -135,8 +159,12 @@ class PlainEngine(Engine):
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, output_dir: Path, step: int, train_state: dict, extra_files: dict[str, str],
              retention: Callable[[Path], None] | None = None) -> Path | PendingCheckpoint:
+        from megamix.checkpoint.dcp import save_checkpoint
+
         return save_checkpoint(output_dir, step, self.model, self.optimizer, train_state, extra_files,
                                async_save=self.cfg.train.async_save, retention=retention)
 
     def load(self, path: Path) -> dict:
+        from megamix.checkpoint.dcp import load_checkpoint
+
         return load_checkpoint(path, self.model, self.optimizer)
