@@ -20,7 +20,7 @@ from megamix.analysis.pruning import layer_removal
 from megamix.analysis.report import analyze_model
 from megamix.config import load_config, validate
 from megamix.data.gpt_dataset import build_dataset
-from megamix.model import Transformer
+from megamix.model import Block, Transformer
 from megamix.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +56,20 @@ class AddVector(nn.Module):
         super().__init__()
         self.v = torch.tensor(v)
 
-    def forward(self, x, cos, sin):
-        return x + self.v
+    def forward(self, residual, pending, cos, sin):  # a block: the stream in and out as (residual, pending)
+        return Block.stream(residual, pending) + self.v, None
+
+    stream = staticmethod(Block.stream)
 
 
 class QuarterTurn(nn.Module):
     """Rotates the first two coordinates by 90°: (a, b) → (−b, a)."""
 
-    def forward(self, x, cos, sin):
-        return torch.cat([-x[..., 1:2], x[..., 0:1], x[..., 2:]], dim=-1)
+    def forward(self, residual, pending, cos, sin):
+        x = Block.stream(residual, pending)
+        return torch.cat([-x[..., 1:2], x[..., 0:1], x[..., 2:]], dim=-1), None
+
+    stream = staticmethod(Block.stream)
 
 
 def two_layer_model_with_known_states() -> Transformer:

@@ -128,7 +128,53 @@ def test_block_follows_the_spec_formula(kind, layer_index, norm_type):
     cos, sin = (t[:10].double() for t in rope_tables(8, 16, 10000.0))
     a = (2 * 4) ** 0.25
     expected = block_ref(block, x, cos, sin, kind, layer_index, norm_type, a)
-    torch.testing.assert_close(block(x, cos, sin), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Block.stream(*block(x, None, cos, sin)), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_fused_residual_path_equals_the_formulas_across_every_transition():
+    """A model whose layers run through every scheme and every transition between them (the stream
+    handed on pending or normalized): its logits and gradients equal the unfused formulas, in fp64."""
+    schemes = ["pre", "post", "pre", "lns", "peri", "post", "deepnorm", "pre", "peri", "post"]
+    model_cfg, norm_cfg = _cfg(["model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
+                                "model.intermediate_size=48", f"model.num_layers={len(schemes)}",
+                                "model.max_seq_len=16", "model.vocab_size=64", f"norm.layers=[{','.join(schemes)}]"])
+    torch.manual_seed(0)
+    model = Transformer(model_cfg, norm_cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    tokens = torch.randint(0, 64, (2, 10))
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    a = (2 * len(schemes)) ** 0.25
+
+    def reference() -> torch.Tensor:
+        x = model.embed_tokens(tokens)
+        for i, scheme in enumerate(schemes):
+            x = block_ref(model.layers[str(i)], x, cos, sin, scheme, i, a=a)
+        return rms(x, model.norm.weight) @ model.lm_head.weight.T
+
+    expected = reference()
+    grads_expected = torch.autograd.grad(expected.square().mean(), list(model.parameters()))
+    got = model(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(torch.autograd.grad(got.square().mean(), list(model.parameters())), grads_expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["pre", "post", "lns", "peri", "deepnorm"])
+def test_the_residual_stream_is_fp32_under_bf16_autocast_for_every_scheme(scheme):
+    """One stream dtype for every scheme: Post-LN's normalized stream is not rounded to bf16."""
+    model_cfg, norm_cfg = _cfg(["model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=48",
+                                "model.num_layers=3", "model.max_seq_len=16", "model.vocab_size=64",
+                                f"norm.scheme={scheme}"])
+    model = Transformer(model_cfg, norm_cfg)
+    seen = []
+    for block in model.layers.values():
+        block.register_forward_hook(lambda m, args, out: seen.append(Block.stream(*out).dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 64, (2, 8)))
+    assert seen == [torch.float32] * 3 and logits.dtype == torch.bfloat16
 
 
 def test_post_ln_layer_output_is_normalized_and_pre_ln_is_not():
@@ -137,8 +183,8 @@ def test_post_ln_layer_output_is_normalized_and_pre_ln_is_not():
     x = 5 * torch.randn(2, 8, 32)
     from megamix.model.llama import rope_tables
     cos, sin = (t[:8] for t in rope_tables(8, 16, 10000.0))
-    post = Block(model_cfg, norm_cfg, 0, "post")(x, cos, sin)
-    pre = Block(model_cfg, norm_cfg, 0, "pre")(x, cos, sin)
+    post = Block.stream(*Block(model_cfg, norm_cfg, 0, "post")(x, None, cos, sin))
+    pre = Block.stream(*Block(model_cfg, norm_cfg, 0, "pre")(x, None, cos, sin))
     torch.testing.assert_close(post.pow(2).mean(-1), torch.ones(2, 8), rtol=1e-4, atol=1e-4)
     assert (pre.pow(2).mean(-1) - 1).abs().max() > 1
 

@@ -25,13 +25,14 @@ def residual_stream(model: nn.Module, tokens: torch.Tensor, skip: Collection[int
     end does not hold every state of a deep model at once.
     """
     h = model.embed_tokens(tokens)
+    residual, pending = h.to(torch.promote_types(h.dtype, model.stream_dtype)), None
     seq = h.shape[1]
-    cos, sin = model.rope_cos[:seq].to(h.dtype), model.rope_sin[:seq].to(h.dtype)
-    yield h
+    cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
+    yield residual
     for index, block in model.layers.items():
         if int(index) not in skip:
-            h = block(h, cos, sin)
-            yield h
+            residual, pending = block(residual, pending, cos, sin)
+            yield block.stream(residual, pending)
 
 
 def hidden_states(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:

@@ -80,6 +80,13 @@ class Block(nn.Module):
     residual add (N(a·x + F(·)), a the row's residual weight).  Pre-LN has ``attention_norm`` before
     attention; Post-LN has it after the add; Peri-LN adds ``attention_out_norm`` (see
     :func:`megamix.schemes.norm_attribute`), and likewise for the MLP.
+
+    The residual stream x travels as ``(residual, pending)`` with x = residual + pending: a
+    sublayer without an ``after`` norm hands on its output F(·) still *pending*, and the next norm
+    adds it to the stream in the same fused op that normalizes the sum (Pre-LN's x + F(N(x))
+    followed by the next N(x) is one read of the stream, as in flash-attn's "prenorm" layer norm).
+    A Post-LN sublayer hands on N(x + F(x)) with nothing pending.  :meth:`stream` gives x itself:
+    what the layer analysis and the per-layer statistics look at.
     """
 
     def __init__(self, cfg: ModelConfig, norm: NormConfig, layer_index: int, scheme: str):
@@ -98,18 +105,32 @@ class Block(nn.Module):
             setattr(self, sublayer, module)
             self.norm_names[sublayer] = tuple(names.get(slot) for slot in SLOTS)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.sublayer(x, "attention", lambda h: self.attention(h, cos, sin))
-        return self.sublayer(x, "mlp", self.mlp)
+    def forward(self, residual: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stream in as ``(residual, pending)``, out the same way (see the class docstring)."""
+        residual, pending = self.sublayer(residual, pending, "attention", lambda h: self.attention(h, cos, sin))
+        return self.sublayer(residual, pending, "mlp", self.mlp)
 
-    def sublayer(self, x: torch.Tensor, name: str, f) -> torch.Tensor:
+    def sublayer(self, residual: torch.Tensor, pending: torch.Tensor | None, name: str,
+                 f) -> tuple[torch.Tensor, torch.Tensor | None]:
         before, output, after = (getattr(self, n) if n else None for n in self.norm_names[name])
-        h = f(before(x)) if before is not None else f(x)
+        if before is not None:
+            h, x = before.add_norm(pending, residual)  # x = residual + pending, h = N(x): one fused op
+            h = f(h)
+        else:
+            x = self.stream(residual, pending)
+            h = f(x)
         if output is not None:
             h = output(h)
-        if after is not None:  # N(a·x + h), the add fused into the norm
-            return after(h, residual=x if self.residual_weight == 1.0 else self.residual_weight * x)
-        return x + h
+        if after is not None:  # N(a·x + h), in the stream's dtype: nothing pending
+            a = self.residual_weight
+            return after.add_norm(h, x if a == 1.0 else a * x, out_dtype=x.dtype)[0], None
+        return x, h  # x + h, the add left to the next norm
+
+    @staticmethod
+    def stream(residual: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The residual stream itself, x = residual + pending."""
+        return residual if pending is None else residual + pending
 
     def norms(self) -> list[Norm]:
         return [m for m in self.children() if isinstance(m, Norm)]
@@ -128,6 +149,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.stream_dtype = torch.float32  # the residual stream's dtype (at least), under mixed precision too
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -136,15 +158,19 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[batch, seq]`` → logits ``[batch, seq, vocab]``.
 
-        On a pipeline stage without the embedding the input is hidden states, and without the head
-        the output is hidden states.
+        On a pipeline stage without the embedding the input is the residual stream, and without the
+        head the output is the residual stream.  The stream is kept in ``stream_dtype`` (fp32
+        under mixed precision too, whatever the scheme), the sublayers compute in autocast's dtype.
         """
-        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        seq = h.shape[1]
-        cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
+        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        residual, pending = x.to(torch.promote_types(x.dtype, self.stream_dtype)), None
+        seq = x.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        h = self.norm(h) if self.norm is not None else h
+            residual, pending = layer(residual, pending, cos, sin)
+        if self.norm is None:
+            return Block.stream(residual, pending)
+        h, _ = self.norm.add_norm(pending, residual)
         return self.lm_head(h) if self.lm_head is not None else h
 
     @torch.no_grad()

@@ -51,18 +51,20 @@ def norm(
 
 def fused_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
-                   residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   residual_in_fp32: bool = False, out_dtype: torch.dtype | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N(x + residual) * scale, x + residual)``; ``residual=None`` means no add.
 
     The sum is rounded to the residual stream's dtype (``x + residual``'s, or at least fp32 with
     ``residual_in_fp32``) before it is normalized, exactly as the unfused code would; ``y`` has
-    ``x``'s dtype.
+    ``x``'s dtype, or ``out_dtype`` (a Post-LN norm whose output is the fp32 stream).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown norm kind {kind!r}; expected one of {KINDS}")
-    if _kernels_apply(x, residual, weight, bias) and _use_kernels(x.device.type):
+    same_out = out_dtype is None or out_dtype == x.dtype  # the kernels write y in x's dtype
+    if same_out and _kernels_apply(x, residual, weight, bias) and _use_kernels(x.device.type):
         return add_norm_op(x, residual, weight, bias, eps, kind, scale, residual_in_fp32)
-    return add_norm_reference(x, residual, weight, bias, eps, kind, scale, residual_in_fp32)
+    return add_norm_reference(x, residual, weight, bias, eps, kind, scale, residual_in_fp32, out_dtype)
 
 
 def stream_dtype(
@@ -80,7 +82,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def add_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                        bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
-                       residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       residual_in_fp32: bool = False, out_dtype: torch.dtype | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch path of :func:`fused_add_norm`: plain torch, differentiated by autograd."""
     dtype = stream_dtype(x, residual, residual_in_fp32)
     s = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
@@ -97,19 +100,22 @@ def add_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         y = y + bias.to(acc)
     if scale != 1.0:
         y = y * scale
-    return y.to(x.dtype), s
+    return y.to(out_dtype or x.dtype), s
 
 
 def add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                 bias: torch.Tensor | None = None, eps: float = 1e-6, kind: str = "rms", scale: float = 1.0,
-                residual_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_add_norm` through the ``megamix::add_norm_fwd`` operator (CUDA kernel or CPU)."""
+                residual_in_fp32: bool = False, out_dtype: torch.dtype | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_add_norm` through the ``megamix::add_norm_fwd`` operator (CUDA kernel or CPU).
+    The kernels write ``y`` in ``x``'s dtype; another ``out_dtype`` is a cast of it (so
+    :func:`fused_add_norm` takes the PyTorch path for that case, which computes it directly)."""
     y, s, _, _ = torch.ops.megamix.add_norm_fwd(
         x, residual, weight, bias, eps, kind == "rms", scale, residual_in_fp32
     )
     if residual is None:
         s = x.to(stream_dtype(x, None, residual_in_fp32))
-    return y, s
+    return (y if out_dtype is None else y.to(out_dtype)), s
 
 
 # --- dispatch ---------------------------------------------------------------------------------

@@ -24,8 +24,12 @@ from megamix.model import Transformer
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """bf16 compute copies of the parameters, fp32 gradient reduction.  Block inputs are not cast:
+    the residual stream stays fp32 between blocks (the model's ``stream_dtype``), and the trainer's
+    autocast runs the matmuls in bf16."""
     if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 
