@@ -154,6 +154,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # 0: no clipping (the Mix-LN recipe); the norm is still logged
     precision: str = "fp32"
+    compile: bool = False  # torch.compile each transformer block
     seed: int = 42
     log_interval: int = 10
     eval_interval: int = 100

@@ -14,6 +14,7 @@ from torch.distributed.tensor import _random as dtensor_random
 from megamix.config import Config
 from megamix.model import Transformer, num_parameters
 from megamix.parallel.activation_checkpoint import apply_activation_checkpoint
+from megamix.parallel.compile import apply_compile
 from megamix.parallel.data_parallel import apply_data_parallel
 from megamix.parallel.mesh import ParallelMesh
 from megamix.parallel.pipeline import RankModel, keep_stage
@@ -82,6 +83,8 @@ def build_model_parts(cfg: Config, mesh: ParallelMesh, device: torch.device, ini
             if cfg.model.tie_embeddings:  # each side was distributed separately; tie the shards again
                 module.lm_head.weight = module.embed_tokens.weight
         apply_activation_checkpoint(module, p.activation_checkpoint)
+        if cfg.train.compile:
+            apply_compile(module)
         if p.dp > 1:
             apply_data_parallel(module, mesh.dp_mesh, p.zero, cfg.train.precision)
         if init == "meta":

@@ -39,6 +39,10 @@ class PlainEngine(Engine):
             self.model = Transformer(cfg.model, cfg.norm).to(device)
             self.stages, self.stage_ids = [self.model], [0]
             self.num_params = num_parameters(self.model)
+            if cfg.train.compile:
+                from megamix.parallel.compile import apply_compile
+
+                apply_compile(self.model)
         else:
             from megamix.parallel.parallelize import build_model_parts
 
