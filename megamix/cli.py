@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or cfg.data.seq_len
     if seq_len > cfg.model.max_seq_len:
         raise EvaluateError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
-    data = build_dataset(args.data, "valid", "0,1", seq_len, 0, seed=0, use_split=False)
+    data = build_dataset(args.data, "valid", "0,1", seq_len, 0, use_split=False)
     num_batches = len(data) // args.micro_batch_size
     if args.max_batches is not None:
         num_batches = min(num_batches, args.max_batches)

@@ -34,6 +34,7 @@ TINY = [
     "train.eval_interval=10",
     "train.eval_tokens=256",  # 2 batches of 4 × 32
     "data.split=90,10",  # ~20 validation documents: enough for those batches
+    "data.num_workers=0",  # the loader on the main thread (tests/test_data_index.py runs workers)
     "train.tensorboard=false",
     "train.progress_bar=false",
 ]

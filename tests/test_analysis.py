@@ -220,7 +220,7 @@ def test_analyze_layers_on_a_trained_checkpoint_with_every_placement(tiny_config
     # The full model's loss is the mean cross-entropy of the same 12 sequences, computed here.
     from megamix import load_model
 
-    data = build_dataset(corpus[0], "valid", "0,1", cfg.data.seq_len, 0, 0, use_split=False)
+    data = build_dataset(corpus[0], "valid", "0,1", cfg.data.seq_len, 0, use_split=False)
     tokens = torch.stack([data[i] for i in range(12)])
     with torch.no_grad():
         logits = load_model(tmp_path / "run")(tokens[:, :-1])

@@ -24,7 +24,7 @@ def test_tiny_model_overfits_one_batch(tiny_config):
     cfg = tiny_config("train.steps=60", "train.lr=1e-2", "train.min_lr=1e-2", "train.warmup_steps=0",
                       "norm.scheme=mix", "norm.alpha=0.25")
     trainer = Trainer(cfg)
-    tokens = trainer.batch(trainer.train_data, list(range(8)))
+    tokens = torch.stack([trainer.data.train[i] for i in range(8)])
     first = None
     for _ in range(60):
         loss = lm_loss(trainer.engine.model(tokens[:, :-1]), tokens[:, 1:])

@@ -254,3 +254,70 @@ def test_commands_print_one_line_errors_and_debug_shows_the_traceback(tiny_confi
     assert capsys.readouterr().err.startswith("megamix: config error: config: cannot read")
     with pytest.raises(Exception, match="nowhere"):
         main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "nowhere"), "--debug"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample order does not depend on how long a run is; a run resumes from the samples consumed.
+
+
+def spy_samples(trainer: Trainer) -> list[torch.Tensor]:
+    """Record the micro-batches each step trains on."""
+    seen: list[torch.Tensor] = []
+    forward_backward = trainer.engine.forward_backward
+
+    def spy(micro_batches):
+        seen.append(torch.cat(micro_batches).clone())
+        return forward_backward(micro_batches)
+
+    trainer.engine.forward_backward = spy
+    return seen
+
+
+def test_extending_a_run_reads_and_trains_exactly_what_the_longer_run_would(tiny_config, tmp_path):
+    constant = ["train.lr_schedule=constant", "train.eval_interval=0"]
+    planned = Trainer(tiny_config("train.steps=12", *constant, f"train.output_dir={tmp_path / 'planned'}"))
+    planned_samples = spy_samples(planned)
+    planned_curve = {r["step"]: r["loss"] for r in planned.run()}
+    Trainer(tiny_config("train.steps=6", *constant, f"train.output_dir={tmp_path / 'extended'}")).run()
+    extended = Trainer(tiny_config("train.steps=12", *constant, f"train.output_dir={tmp_path / 'extended'}"))
+    assert extended.step == 6
+    extended_samples = spy_samples(extended)
+    extended_curve = {r["step"]: r["loss"] for r in extended.run()}
+    for a, b in zip(planned_samples[6:], extended_samples):
+        assert torch.equal(a, b)
+    assert {s: v for s, v in planned_curve.items() if s > 6} == extended_curve  # bit-exact on CPU
+
+
+def test_a_new_global_batch_size_continues_with_the_next_unread_sample(tiny_config, tmp_path):
+    Trainer(tiny_config("train.steps=3", "train.global_batch_size=8")).run()  # 24 samples consumed
+    resumed = Trainer(tiny_config("train.steps=5", "train.global_batch_size=16", "train.micro_batch_size=8"))
+    assert (resumed.step, resumed.consumed_samples) == (3, 24)
+    seen = spy_samples(resumed)
+    resumed.run()
+    expected = torch.stack([resumed.data.train[i] for i in range(24, 56)])
+    assert torch.equal(torch.cat(seen), expected)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000005" / "train_state.json").read_text())
+    assert state["consumed_samples"] == 56
+
+
+def test_loader_workers_train_exactly_like_the_main_thread(tiny_config, tmp_path):
+    main = Trainer(tiny_config("train.steps=4", f"train.output_dir={tmp_path / 'main'}")).run()
+    workers = Trainer(tiny_config("train.steps=4", "data.num_workers=2", f"train.output_dir={tmp_path / 'w'}")).run()
+    assert [r["loss"] for r in main] == [r["loss"] for r in workers]
+
+
+def test_a_token_beyond_the_vocabulary_is_a_named_error_before_or_at_the_batch(tiny_config, tmp_path):
+    from megamix.data.gpt_dataset import DataError
+    from megamix.data.indexed import IndexedDatasetWriter
+    from megamix.data.sidecar import write_sidecar
+
+    bad = tmp_path / "wide"
+    with IndexedDatasetWriter(bad, "uint16") as writer:
+        for i in range(200):
+            writer.add_document([(i * 7 + j) % 600 for j in range(40)])  # ids up to 599 > vocab 512
+    with pytest.raises(DataError, match=r"sample \d+ holds token id 5\d\d >= model.vocab_size 512"):
+        Trainer(tiny_config(f"data.path={bad}", "train.steps=2")).run()
+    write_sidecar(bad, tokenizer_name="t", tokenizer_fingerprint="f" * 64, vocab_size=600, eos_id=None,
+                  documents=200, tokens=8000, max_id=599)
+    with pytest.raises(DataError, match=r"token ids up to 599 .* >= model.vocab_size 512"):
+        Trainer(tiny_config(f"data.path={bad}", "train.steps=2", f"train.output_dir={tmp_path / 'other'}"))

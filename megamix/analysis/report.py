@@ -73,11 +73,11 @@ def analyze_checkpoint(
     if seq_len > cfg.model.max_seq_len:
         raise AnalysisError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     if data is not None:
-        dataset = build_dataset(data, "valid", "0,1", seq_len, 0, cfg.data.seed, use_split=False)
+        dataset = build_dataset(data, "valid", "0,1", seq_len, cfg.data.seed, use_split=False)
     elif cfg.data.valid_path is not None:
-        dataset = build_dataset(cfg.data.valid_path, "valid", "0,1", seq_len, 0, cfg.data.seed, use_split=False)
+        dataset = build_dataset(cfg.data.valid_path, "valid", "0,1", seq_len, cfg.data.seed, use_split=False)
     else:
-        dataset = build_dataset(cfg.data.path, "valid", cfg.data.split, seq_len, 0, cfg.data.seed)
+        dataset = build_dataset(cfg.data.path, "valid", cfg.data.split, seq_len, cfg.data.seed)
     samples = min(samples, len(dataset))
     batches = [
         torch.stack([dataset[i] for i in range(start, min(start + batch_size, samples))]).to(device)

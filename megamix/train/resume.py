@@ -63,6 +63,21 @@ def check_resume_config(checkpoint: str | os.PathLike, cfg: Config) -> list[str]
     return [f"{key} changed from {saved.get(key)!r} to {now[key]!r}" for key in changed]
 
 
+def check_resume_data(saved: dict | None, now: dict, cfg: Config) -> None:
+    """Refuse to resume onto different data: the corpus the checkpoint recorded (its files'
+    identity: the sidecar's tokenizer fingerprint and counts, or sizes and a digest of the index)
+    must be the corpus the config names now, unless ``data.path`` is in ``train.accept_changes``.
+    Checkpoints from before this record pass."""
+    if saved is None or "data.path" in (cfg.train.accept_changes or []):
+        return
+    for which in ("train", "valid"):
+        if saved.get(which) != now.get(which):
+            raise ResumeMismatchError(
+                "resume", f"the {which} corpus differs from the one the checkpoint was trained on "
+                f"(recorded {saved.get(which)}, now {now.get(which)}); resuming would continue on other data. "
+                "If it is the same data moved or re-written, accept it: --set 'train.accept_changes=[data.path]'")
+
+
 class RunLockError(MegamixError, RuntimeError):
     """Another process is training into the same run directory."""
 

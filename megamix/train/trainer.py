@@ -23,23 +23,19 @@ from tqdm import tqdm
 from megamix.checkpoint import latest_checkpoint, read_train_state, set_rng_state
 from megamix.checkpoint.commit import clear_leftovers, prune
 from megamix.config import Config, validate
-from megamix.data.gpt_dataset import build_dataset, micro_batches
 from megamix.errors import MegamixError
 from megamix.ops import load_kernels
 from megamix.schemes import describe_schemes, layer_schemes
+from megamix.train.data import RunData
 from megamix.train.engines import build_engine
 from megamix.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from megamix.train.optim import lr_at
 from megamix.train.preemption import EXIT_PREEMPTED, Heartbeat, Preempted, StopSignals
-from megamix.train.resume import RunLock, check_resume_config
+from megamix.train.resume import RunLock, check_resume_config, check_resume_data
 
 
 class NonFiniteError(MegamixError, RuntimeError):
     """A step's loss or gradient norm is not finite (``train.nonfinite: stop``)."""
-
-
-class ValidationDataError(MegamixError, ValueError):
-    """The validation data cannot fill one evaluation batch."""
 
 
 def default_device() -> torch.device:
@@ -65,19 +61,16 @@ class Trainer:
         self.lock = RunLock(self.output_dir) if self.is_main else None  # one writer per run directory
         load_kernels(distributed_barrier=dist.is_initialized())  # fused add+norm: CUDA kernels or torch; logged
         self.engine = build_engine(cfg, self.device)
-        self.train_data = build_dataset(
-            cfg.data.path, "train", cfg.data.split, cfg.data.seq_len, t.steps * t.global_batch_size, cfg.data.seed,
-            use_split=cfg.data.valid_path is None,
-        )
-        valid_path = cfg.data.valid_path or cfg.data.path
-        self.valid_data = build_dataset(
-            valid_path, "valid", cfg.data.split, cfg.data.seq_len, 0, cfg.data.seed,
-            use_split=cfg.data.valid_path is None,
-        )
-        self.eval_batches = self.validation_batches()
-        self.step, self.consumed_samples, self.resumed_from = 0, 0, None
-        self.pending_save = None
-        self.resume()
+        clear_leftovers(self.output_dir)
+        latest = latest_checkpoint(self.output_dir)
+        state = read_train_state(latest) if latest is not None else {"step": 0, "consumed_samples": 0}
+        self.step = state["step"]
+        self.consumed_samples = state.get("consumed_samples", self.step * t.global_batch_size)
+        # How far the sample order must reach; the order itself does not depend on it.
+        self.data = RunData(cfg, self.consumed_samples + (t.steps - self.step) * t.global_batch_size)
+        self.loader, self.pending_save, self.resumed_from = None, None, None
+        if latest is not None:
+            self.resume(latest, state)
         if self.is_main:
             cfg.save(self.output_dir / "config.yaml")
         self.metrics = MetricsLogger(
@@ -90,38 +83,37 @@ class Trainer:
         )
 
     # -- resume -------------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Continue from the latest complete checkpoint of the run directory, if any: after
-        checking that its config describes the same model and data, restore the engine's state,
-        the step, the samples consumed and the RNG."""
-        clear_leftovers(self.output_dir)
-        latest = latest_checkpoint(self.output_dir)
-        if latest is None:
-            return
-        changes = check_resume_config(latest, self.cfg)
-        state = self.engine.load(latest)
-        self.step = state["step"]
-        self.consumed_samples = state.get("consumed_samples", self.step * self.cfg.train.global_batch_size)
+    def resume(self, checkpoint: Path, state: dict) -> None:
+        """Continue from ``checkpoint``: after checking that its config and data are this run's
+        (a named error otherwise), restore the engine's model and optimizer and the RNG."""
+        changes = check_resume_config(checkpoint, self.cfg)
+        if self.consumed_samples:
+            check_resume_data(state.get("data"), self.data.identity(), self.cfg)
+        self.engine.load(checkpoint)
         set_rng_state(state["rng"])
-        self.resumed_from = latest
+        self.resumed_from = checkpoint
         for change in changes:
             self.log(f"resume: {change}")
 
     # -- one step -----------------------------------------------------------------------------
-    def read_batch(self, first_sample: int) -> list[torch.Tensor]:
-        """This rank's micro-batches of the global batch that starts at ``first_sample``."""
-        t = self.cfg.train
-        shares = micro_batches(0, t.global_batch_size, t.micro_batch_size, *self.engine.data_rank)
-        return [self.batch(self.train_data, [first_sample + i for i in share]) for share in shares]
+    def next_batch(self) -> list[torch.Tensor]:
+        """This rank's micro-batches of the global batch that starts at the samples consumed so far
+        (read ahead by the loader's workers)."""
+        if self.loader is None or self.loader.consumed != self.consumed_samples:
+            self.close_loader()
+            self.loader = self.data.loader(self.consumed_samples, self.engine.data_rank, self.device)
+        return self.loader.next_step()
 
-    def batch(self, dataset, indices: list[int]) -> torch.Tensor:
-        return torch.stack([dataset[i] for i in indices]).to(self.device, non_blocking=True)
+    def close_loader(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch that starts at the samples consumed so far."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
-        loss = self.engine.forward_backward(self.read_batch(self.consumed_samples))
+        loss = self.engine.forward_backward(self.next_batch())
         stats = self.engine.optimizer_step(lr, layer_norms=self.should_log(self.step + 1))
         loss = self.engine.reduce_loss(loss)
         self.step += 1
@@ -146,25 +138,10 @@ class Trainer:
                              "good state; set train.nonfinite: skip to skip such steps)")
 
     # -- evaluation ---------------------------------------------------------------------------
-    def validation_batches(self) -> list[list[int]]:
-        """The validation samples of every evaluation: the first ``train.eval_tokens`` tokens' worth
-        of the validation data, in whole micro-batches (at least one)."""
-        t, seq_len = self.cfg.train, self.cfg.data.seq_len
-        available = len(self.valid_data) // t.micro_batch_size
-        if available == 0:
-            raise ValidationDataError(
-                f"the validation data ({self.cfg.data.valid_path or 'the split of ' + str(self.cfg.data.path)}) holds "
-                f"{len(self.valid_data)} samples of {seq_len + 1} tokens, not one micro-batch of {t.micro_batch_size}")
-        wanted = max(1, math.ceil(t.eval_tokens / seq_len) // t.micro_batch_size)
-        size = t.micro_batch_size
-        return [list(range(b * size, (b + 1) * size)) for b in range(min(wanted, available))]
-
     def evaluate(self) -> dict:
         """Validation loss over the first ``train.eval_tokens`` tokens of the validation data, dealt
         round-robin over the data-parallel ranks (the same samples on every layout)."""
-        rank, ranks = self.engine.data_rank
-        mine = [self.batch(self.valid_data, batch) for batch in self.eval_batches[rank::ranks]]
-        total, tokens = self.engine.eval_losses(mine)
+        total, tokens = self.engine.eval_losses(self.data.validation(self.engine.data_rank, self.device))
         loss = total / tokens
         return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
 
@@ -175,7 +152,7 @@ class Trainer:
         once the new one has committed, never the one this run resumed from."""
         self.wait_for_save()
         t = self.cfg.train
-        state = {"step": self.step, "consumed_samples": self.consumed_samples}
+        state = {"step": self.step, "consumed_samples": self.consumed_samples, "data": self.data.identity()}
         resumed = {read_train_state(self.resumed_from)["step"]} if self.resumed_from else set()
 
         def retention(committed: Path) -> None:
@@ -245,6 +222,7 @@ class Trainer:
             stop.uninstall()
             self.wait_for_save()
         finally:
+            self.close_loader()
             heartbeat.close()
             bar.close()
             self.metrics.close()
