@@ -70,6 +70,29 @@ def test_a_payload_in_a_dcp_byte_item_never_runs_on_resume_export_or_load_model(
     assert not marker.exists()
 
 
+def test_a_payload_in_place_of_a_weight_never_runs_in_load_model_export_or_analysis(tiny_config, tmp_path, corpus):
+    trainer = Trainer(tiny_config("train.steps=2"))
+    trainer.run()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    state = _state(trainer.engine.model, trainer.engine.optimizer)
+    state["model"]["layers.1.mlp.up_proj.weight"] = Payload(marker)  # saved as a pickled byte item
+    for shard in checkpoint.glob("*.distcp"):
+        shard.unlink()
+    dcp.save(state, checkpoint_id=checkpoint)
+    import megamix
+    from megamix.analysis.report import analyze_checkpoint
+    from megamix.hf.export import export_checkpoint
+
+    for attempt in (lambda: megamix.load_model(checkpoint),
+                    lambda: export_checkpoint(checkpoint, tmp_path / "hf", dtype="fp32"),
+                    lambda: analyze_checkpoint(checkpoint, corpus[0], samples=4, batch_size=2, grad_batches=1),
+                    lambda: Trainer(tiny_config("train.steps=4"))):
+        with pytest.raises(CheckpointError):
+            attempt()
+    assert not marker.exists()
+
+
 def test_a_payload_in_the_metadata_never_runs(tiny_config, tmp_path):
     Trainer(tiny_config("train.steps=2")).run()
     checkpoint = latest_checkpoint(tmp_path / "run")
