@@ -60,7 +60,20 @@ def _as_range(documents) -> range:
     return range(int(docs[0]), int(docs[0]) + len(docs))
 
 
-class GPTDataset(torch.utils.data.Dataset):
+class _Samples(torch.utils.data.Dataset):
+    """``num_samples`` samples addressed by global index."""
+
+    num_samples: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} outside [0, {self.num_samples})")
+
+
+class GPTDataset(_Samples):
     """Samples of ``seq_len + 1`` tokens cut from the documents ``documents`` of ``indexed``.
 
     ``shuffle`` (training): documents in a new order each epoch and samples shuffled within
@@ -100,13 +113,6 @@ class GPTDataset(torch.utils.data.Dataset):
     @property
     def tokens_per_epoch(self) -> int:
         return self.epochs.tokens_per_epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _check(self, i: int) -> None:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} outside [0, {self.num_samples})")
 
     def epoch_of(self, i: int) -> int:
         """The epoch sample ``i`` belongs to."""
@@ -156,7 +162,7 @@ def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, n
     return which.astype(np.int64), within
 
 
-class BlendedDataset(torch.utils.data.Dataset):
+class BlendedDataset(_Samples):
     """Datasets mixed by ``weights``: sample ``k`` is sample ``within[k]`` of dataset ``which[k]``.
 
     ``num_samples`` None: until the first dataset runs out.  Raises :class:`DataError` when a
@@ -198,13 +204,6 @@ class BlendedDataset(torch.utils.data.Dataset):
                 _, filename, length = state[name]
                 state[name] = np.load(filename, mmap_mode="r")[:length]
         self.__dict__.update(state)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _check(self, i: int) -> None:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} outside [0, {self.num_samples})")
 
     def source(self, i: int) -> str:
         self._check(i)
