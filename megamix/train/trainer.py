@@ -59,6 +59,16 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.lock = RunLock(self.output_dir) if self.is_main else None  # one writer per run directory
+        try:
+            self.build()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def build(self) -> None:
+        """The engine, the data, the state to resume from, the metrics."""
+        cfg, t = self.cfg, self.cfg.train
         load_kernels(distributed_barrier=dist.is_initialized())  # fused add+norm: CUDA kernels or torch; logged
         self.engine = build_engine(cfg, self.device)
         clear_leftovers(self.output_dir)
@@ -68,7 +78,7 @@ class Trainer:
         self.consumed_samples = state.get("consumed_samples", self.step * t.global_batch_size)
         # How far the sample order must reach; the order itself does not depend on it.
         self.data = RunData(cfg, self.consumed_samples + (t.steps - self.step) * t.global_batch_size)
-        self.loader, self.pending_save, self.resumed_from = None, None, None
+        self.loader, self.pending_save, self.resumed_from, self.resumed_step = None, None, None, None
         if latest is not None:
             self.resume(latest, state)
         if self.is_main:
@@ -91,7 +101,7 @@ class Trainer:
             check_resume_data(state.get("data"), self.data.identity(), self.cfg)
         self.engine.load(checkpoint)
         set_rng_state(state["rng"])
-        self.resumed_from = checkpoint
+        self.resumed_from, self.resumed_step = checkpoint, self.step
         for change in changes:
             self.log(f"resume: {change}")
 
@@ -153,10 +163,9 @@ class Trainer:
         self.wait_for_save()
         t = self.cfg.train
         state = {"step": self.step, "consumed_samples": self.consumed_samples, "data": self.data.identity()}
-        resumed = {read_train_state(self.resumed_from)["step"]} if self.resumed_from else set()
-
         def retention(committed: Path) -> None:
-            prune(self.output_dir, t.keep_last, t.keep_every, protected=resumed)
+            protected = {self.resumed_step} if self.resumed_step is not None else set()
+            prune(self.output_dir, t.keep_last, t.keep_every, protected=protected)
 
         result = self.engine.save(self.output_dir, self.step, state, {"config.yaml": self.cfg.to_yaml()}, retention)
         if not isinstance(result, Path):
