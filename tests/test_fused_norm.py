@@ -273,3 +273,148 @@ def test_the_dispatch_is_marked_constant_for_torch_compile_as_the_public_decorat
     torch.compiler.assume_constant_result(probe)
     added = {name: getattr(probe, name) for name in set(vars(probe)) - before}
     assert added and all(getattr(fn._use_kernels, name, None) == value for name, value in added.items())
+
+
+# --- out_dtype: the kernels write y in fp32 from an fp32 stream (Post-LN under bf16 autocast) ---
+
+
+def test_kernel_writes_output_dtypes():
+    bf16, f32 = torch.bfloat16, torch.float32
+    x, r32, rb = torch.zeros(2, 8, dtype=bf16), torch.zeros(2, 8, dtype=f32), torch.zeros(2, 8, dtype=bf16)
+    assert fn.kernel_writes(x, rb, False, None) and fn.kernel_writes(x, rb, False, bf16)
+    assert fn.kernel_writes(x, r32, False, f32)  # the stream is fp32: y in fp32
+    assert fn.kernel_writes(x, rb, True, f32)  # residual_in_fp32 makes the stream fp32
+    assert not fn.kernel_writes(x, rb, False, f32)  # a bf16 stream
+    assert not fn.kernel_writes(x, None, False, f32)  # no residual: the input is x itself
+    assert not fn.kernel_writes(x, r32, False, torch.float16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_op_writes_y_in_fp32_from_the_fp32_stream(kind):
+    x, _, w, b = make((4, 6, 40), dtype=torch.bfloat16, residual=False, requires_grad=True)
+    r = make((4, 6, 40), seed=1)[0].float().requires_grad_()
+    y, s = fn.add_norm_op(x, r, w, b, EPS, kind, 0.5, out_dtype=torch.float32)
+    assert y.dtype == s.dtype == torch.float32
+    want_y = formula(s.detach(), None, w.detach(), b.detach(), EPS, kind, 0.5)[0]
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)  # fp32, not bf16, accuracy
+    g = torch.Generator().manual_seed(4)
+    dy, ds = torch.randn(y.shape, generator=g), torch.randn(s.shape, generator=g)
+    got = torch.autograd.grad((y, s), (x, r, w, b), (dy, ds))
+    ref = [t.detach().clone().requires_grad_() for t in (x, r, w, b)]
+    ry, rs = fn.add_norm_reference(*ref, EPS, kind, 0.5, False, torch.float32)
+    want = torch.autograd.grad((ry, rs), ref, (dy, ds))
+    for a, c, leaf in zip(got, want, (x, r, w, b)):
+        assert a.dtype == leaf.dtype
+        torch.testing.assert_close(a.double(), c.double(), rtol=2e-2, atol=2e-2 * c.abs().max().item())
+
+
+def test_fused_add_norm_sends_fp32_output_to_the_operator(monkeypatch):
+    """With the kernels available, out_dtype=fp32 over an fp32 stream takes the operator path
+    (before, any out_dtype other than x's fell back to the PyTorch path)."""
+    calls = []
+    real = fn.add_norm_op
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn, "_kernels_apply", lambda *a: True)
+    monkeypatch.setattr(fn, "_use_kernels", lambda device_type: True)
+    monkeypatch.setattr(fn, "add_norm_op", spy)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    r, w = torch.randn(3, 16), torch.ones(16)
+    y, s = fn.fused_add_norm(x, r, w, out_dtype=torch.float32)
+    assert calls and calls[-1][-1] == torch.float32 and y.dtype == torch.float32
+    calls.clear()
+    fn.fused_add_norm(x, None, w, out_dtype=torch.float32)  # no fp32 stream: PyTorch path
+    assert not calls
+
+
+def test_op_fake_and_opcheck_with_out_dtype():
+    x = torch.empty(2, 5, 24, device="meta", dtype=torch.bfloat16)
+    r = torch.empty(2, 5, 24, device="meta", dtype=torch.float32)
+    w = torch.empty(24, device="meta", dtype=torch.bfloat16)
+    y, s, _, _ = torch.ops.megamix.add_norm_fwd(x, r, w, None, EPS, True, 1.0, False, torch.float32)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    xc, rc, wc = make((3, 20), dtype=torch.bfloat16, bias=False, requires_grad=True)[:3]
+    rc = rc.float().detach().requires_grad_()
+    torch.library.opcheck(torch.ops.megamix.add_norm_fwd.default,
+                          (xc, rc, wc, None, EPS, True, 0.5, False, torch.float32))
+
+
+def test_op_takes_weights_in_their_own_dtype():
+    """bf16 weights (FSDP2's compute parameters) give the same y as their fp32 values and get
+    gradients in bf16."""
+    x, r, w, b = make((5, 32), dtype=torch.bfloat16, requires_grad=True)
+    y, _ = fn.add_norm_op(x, r, w, b, EPS, "layer")
+    y32, _ = fn.add_norm_op(x, r, w.float(), b.float(), EPS, "layer")
+    assert torch.equal(y, y32)
+    dw, db = torch.autograd.grad(y.sum(), (w, b))
+    assert dw.dtype == db.dtype == torch.bfloat16
+
+
+# --- benchmarks/fused_norm.py: every implementation differentiated through its own parameters ---
+
+
+def _load_benchmark(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_norm.py"
+    spec = importlib.util.spec_from_file_location("fused_norm_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_times_a_module_with_its_own_weight_forward_and_backward(monkeypatch):
+    """Liger's modules own their weight: the backward must differentiate that one (it used to ask
+    for the benchmark's weight, which the module never uses, and the column stayed empty)."""
+    bench = _load_benchmark(monkeypatch)
+
+    class OwnWeight(torch.nn.Module):  # how Liger's LigerFusedAddRMSNorm behaves
+        def __init__(self, hidden):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(hidden))
+
+        def forward(self, x, residual):
+            s = x + residual
+            return torch.nn.functional.rms_norm(s, s.shape[-1:], self.weight, bench.EPS), s
+
+    module = OwnWeight(16)
+
+    def params(weight, bias):
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        return [module.weight]
+
+    impls = {
+        "eager": bench.Impl(bench.eager_add_norm_for("rms")),
+        "liger": bench.Impl(lambda x, r, w, b: module(x, r), params),
+        "the old way": bench.Impl(lambda x, r, w, b: module(x, r)),  # differentiates the unused weight
+    }
+    case = bench.Case("rms", torch.float32, "same", 16, 8, backward=True)
+    results = bench.run_case(case, torch.device("cpu"), bench.Timer(torch.device("cpu"), 0, 1), impls)
+    assert isinstance(results["liger"], float) and results["liger"] > 0
+    assert results["the old way"] == "RuntimeError"
+    assert not torch.equal(module.weight.detach(), torch.ones(16))  # the case's values were copied in
+
+
+def test_benchmark_cpu_smoke_covers_the_residual_modes_and_writes_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    bench = _load_benchmark(monkeypatch)
+    out = tmp_path / "bench.json"
+    bench.main(["--cpu-smoke", "--kind", "rms", "--dtype", "bf16", "--residual", "none", "same", "fp32",
+                "--json", str(out)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| rms")]
+    assert len(rows) == 3 * 2 * 2  # residual modes x 2 hidden sizes x (fwd, fwd+bwd)
+    assert {row.split("|")[3].strip() for row in rows} == {"none", "same", "fp32"}
+    data = json.loads(out.read_text())
+    assert data["liger"] == "skipped" and len(data["cases"]) == 12
+    assert all(c["megamix_us"] > 0 and c["x_eager"] > 0 for c in data["cases"])
+    # bytes the op must move: bf16 x, fp32 stream: x, r, y, s forward; s, dy, ds, dnorm, dx backward
+    case = bench.Case("rms", torch.bfloat16, "fp32", 10, 3, backward=True)
+    assert case.min_bytes() == 30 * ((2 + 4 + 2 + 4) + (4 + 2 + 4 + 4 + 2))
+    assert bench.Case("rms", torch.bfloat16, "none", 10, 3, backward=False).min_bytes() == 30 * 4

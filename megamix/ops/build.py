@@ -165,3 +165,112 @@ def load_extension(distributed_barrier: bool = False) -> tuple[bool, str]:
         log.warning("megamix: JIT build of the CUDA extension failed: %s", exc)
         return False, f"JIT build failed ({type(exc).__name__})"
     return True, f"JIT-built extension {JIT_NAME} (sm_{', sm_'.join(_jit_archs())})"
+
+
+# --- `python -m megamix.ops.build`: build for the local GPU and check the kernels (gpu_check) ---
+
+
+def _build_inplace() -> None:
+    """``setup.py build_ext --inplace`` for the local GPU's arch: megamix/_fused_norm_C*.so in
+    the checkout (what load_extension imports first).  Needs no ninja, unlike the JIT build."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEGAMIX_CUDA_ARCHS=os.environ.get("MEGAMIX_CUDA_ARCHS") or ";".join(_jit_archs()))
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=CSRC.parent, env=env, check=True)
+
+
+def kernels_registered() -> bool:
+    """Whether megamix::add_norm_fwd/bwd have CUDA kernels in this process."""
+    import megamix.ops.fused_norm  # noqa: F401 - defines the operators
+
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"megamix::{op}", "CUDA")
+               for op in ("add_norm_fwd", "add_norm_bwd"))
+
+
+def smoke_test() -> dict:
+    """One forward and backward on the GPU (odd hidden size, fp32 stream, bf16 weight) against
+    the CPU operator: the largest absolute differences."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(67, 4099, generator=g).to(torch.bfloat16)
+    r = torch.randn(67, 4099, generator=g) * 3
+    w = (1 + 0.1 * torch.randn(4099, generator=g)).to(torch.bfloat16)
+    dy = torch.randn(67, 4099, generator=g).to(torch.bfloat16)
+    ds = torch.randn(67, 4099, generator=g)
+    out = {}
+    for name, rms in (("rms", True), ("layer", False)):
+        args = (x, r, w, None, 1e-6, rms, 1.0, False)
+        fwd = [torch.ops.megamix.add_norm_fwd(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args]),
+               torch.ops.megamix.add_norm_fwd(*args)]
+        y_err = (fwd[0][0].cpu().float() - fwd[1][0].float()).abs().max().item()
+        s, mean, rstd = fwd[0][1], fwd[0][2], fwd[0][3]
+        bargs = (dy, ds, s.cpu(), w, mean.cpu(), rstd.cpu(), rms, 1.0, False, torch.bfloat16)
+        got = torch.ops.megamix.add_norm_bwd(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in bargs])
+        want = torch.ops.megamix.add_norm_bwd(*bargs)
+        dx_err = (got[0].cpu() - want[0]).abs().max().item()
+        dw_err = ((got[2].cpu() - want[2]).abs().max() / want[2].abs().max()).item()
+        out[name] = {"max_abs_dy": y_err, "max_abs_dx": dx_err, "rel_dweight": dw_err}
+    ok = all(v["max_abs_dy"] < 0.1 and v["max_abs_dx"] < 1e-3 and v["rel_dweight"] < 1e-3 for v in out.values())
+    return {"ok": ok, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import time
+    import traceback
+
+    parser = argparse.ArgumentParser(description="Build the CUDA extension for the local GPU and check that "
+                                                 "its kernels load and agree with the CPU operator.")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    result: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "nvcc": nvcc_path()}
+    start = time.perf_counter()
+    if not torch.cuda.is_available():
+        result.update(status="skipped (no GPU)", toolchain=cuda_toolchain_missing() or "ok")
+    else:
+        result["archs"] = _jit_archs()
+        result["gpu"] = torch.cuda.get_device_name()
+        try:
+            reason = cuda_toolchain_missing()
+            if reason is not None:
+                raise RuntimeError(reason)
+            try:
+                import importlib
+
+                importlib.import_module(EXTENSION)
+                result["how"] = "prebuilt " + EXTENSION
+            except ImportError:
+                from torch.utils.cpp_extension import is_ninja_available
+
+                if is_ninja_available():
+                    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+                    jit_load()
+                    result["how"] = f"JIT build {JIT_NAME}"
+                else:
+                    _build_inplace()
+                    importlib.invalidate_caches()
+                    importlib.import_module(EXTENSION)
+                    result["how"] = "setup.py build_ext --inplace (no ninja)"
+            result["build_s"] = time.perf_counter() - start
+            if not kernels_registered():
+                raise RuntimeError("the library loaded but megamix::add_norm_fwd/bwd have no CUDA kernel")
+            result["smoke"] = smoke_test()
+            ok = result["smoke"]["ok"]
+            result["status"] = "passed" if ok else "failed (smoke test differs from the CPU operator)"
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON, exit status 1
+            traceback.print_exc()
+            result.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+    result["seconds"] = time.perf_counter() - start
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    return 0 if result["status"] == "passed" or result["status"].startswith("skipped") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

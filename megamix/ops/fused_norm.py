@@ -61,10 +61,20 @@ def fused_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     """
     if kind not in KINDS:
         raise ValueError(f"unknown norm kind {kind!r}; expected one of {KINDS}")
-    same_out = out_dtype is None or out_dtype == x.dtype  # the kernels write y in x's dtype
-    if same_out and _kernels_apply(x, residual, weight, bias) and _use_kernels(x.device.type):
-        return add_norm_op(x, residual, weight, bias, eps, kind, scale, residual_in_fp32)
+    if (kernel_writes(x, residual, residual_in_fp32, out_dtype) and _kernels_apply(x, residual, weight, bias)
+            and _use_kernels(x.device.type)):
+        return add_norm_op(x, residual, weight, bias, eps, kind, scale, residual_in_fp32, out_dtype)
     return add_norm_reference(x, residual, weight, bias, eps, kind, scale, residual_in_fp32, out_dtype)
+
+
+def kernel_writes(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool,
+                  out_dtype: torch.dtype | None) -> bool:
+    """Whether the kernels write ``y`` in ``out_dtype``: x's dtype, or fp32 from the fp32 residual
+    stream (a Post-LN norm whose output becomes the fp32 stream under bf16 autocast)."""
+    if out_dtype is None or out_dtype == x.dtype:
+        return True
+    return (out_dtype == torch.float32 and residual is not None
+            and stream_dtype(x, residual, residual_in_fp32) == torch.float32)
 
 
 def stream_dtype(
@@ -108,14 +118,16 @@ def add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
                 residual_in_fp32: bool = False, out_dtype: torch.dtype | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_add_norm` through the ``megamix::add_norm_fwd`` operator (CUDA kernel or CPU).
-    The kernels write ``y`` in ``x``'s dtype; another ``out_dtype`` is a cast of it (so
-    :func:`fused_add_norm` takes the PyTorch path for that case, which computes it directly)."""
+    ``y`` is computed in fp32 and rounded once to ``out_dtype`` (default x's dtype); the CUDA
+    kernels take x's dtype, or fp32 when the residual stream is fp32 (:func:`kernel_writes`)."""
+    if out_dtype == x.dtype:
+        out_dtype = None
     y, s, _, _ = torch.ops.megamix.add_norm_fwd(
-        x, residual, weight, bias, eps, kind == "rms", scale, residual_in_fp32
+        x, residual, weight, bias, eps, kind == "rms", scale, residual_in_fp32, out_dtype
     )
     if residual is None:
         s = x.to(stream_dtype(x, None, residual_in_fp32))
-    return (y if out_dtype is None else y.to(out_dtype)), s
+    return y, s
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def load_kernels(distributed_barrier: bool = True) -> bool:
 torch.library.define(
     "megamix::add_norm_fwd",
     "(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms, float scale,"
-    " bool residual_in_fp32) -> (Tensor y, Tensor s, Tensor mean, Tensor rstd)",
+    " bool residual_in_fp32, ScalarType? out_dtype=None) -> (Tensor y, Tensor s, Tensor mean, Tensor rstd)",
 )
 torch.library.define(
     "megamix::add_norm_bwd",
@@ -207,10 +219,10 @@ torch.library.define(
     " float scale, bool has_bias, ScalarType x_dtype)"
     " -> (Tensor dnorm_in, Tensor dx, Tensor dweight, Tensor dbias)",
 )
-# add_norm_fwd returns s = x + residual (empty without residual) and per-row mean (empty for RMS)
-# and rstd.  add_norm_bwd takes the norm's input (s, or x without residual) and returns its
-# gradient in s's dtype, the same in x's dtype when that differs (else empty), and dweight/dbias
-# (dbias empty without bias) in the accumulation dtype.
+# add_norm_fwd returns y in out_dtype (default x's), s = x + residual (empty without residual) and
+# per-row mean (empty for RMS) and rstd.  add_norm_bwd takes dy in y's dtype and the norm's input
+# (s, or x without residual) and returns its gradient in s's dtype, the same in x's dtype when that
+# differs (else empty), and dweight/dbias (dbias empty without bias) in the accumulation dtype.
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -218,7 +230,7 @@ def _rows(t: torch.Tensor) -> int:
 
 
 @torch.library.impl("megamix::add_norm_fwd", "CPU")
-def _add_norm_fwd_cpu(x, residual, weight, bias, eps, rms, scale, residual_in_fp32):
+def _add_norm_fwd_cpu(x, residual, weight, bias, eps, rms, scale, residual_in_fp32, out_dtype=None):
     cols = x.shape[-1]
     if residual is None:
         s, norm_in = x.new_empty(0), x
@@ -240,11 +252,11 @@ def _add_norm_fwd_cpu(x, residual, weight, bias, eps, rms, scale, residual_in_fp
     y = xhat * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
-    return (y * scale).to(x.dtype).reshape(x.shape), s, mean, rstd
+    return (y * scale).to(out_dtype or x.dtype).reshape(x.shape), s, mean, rstd
 
 
 @torch.library.register_fake("megamix::add_norm_fwd")
-def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, scale, residual_in_fp32):
+def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, scale, residual_in_fp32, out_dtype=None):
     rows = _rows(x)
     if residual is None:
         s = x.new_empty(0)
@@ -252,7 +264,7 @@ def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, scale, residual_in_f
         s = x.new_empty(x.shape, dtype=stream_dtype(x, residual, residual_in_fp32))
     acc = _acc_dtype(s.dtype if residual is not None else x.dtype)
     mean = x.new_empty(0 if rms else rows, dtype=acc)
-    return x.new_empty(x.shape), s, mean, x.new_empty(rows, dtype=acc)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), s, mean, x.new_empty(rows, dtype=acc)
 
 
 @torch.library.impl("megamix::add_norm_bwd", "CPU")
@@ -285,7 +297,7 @@ def _add_norm_bwd_fake(dy, ds, s, weight, mean, rstd, rms, scale, has_bias, x_dt
 
 
 def _add_norm_setup_context(ctx, inputs, output) -> None:
-    x, residual, weight, bias, _eps, rms, scale, _residual_in_fp32 = inputs
+    x, residual, weight, bias, _eps, rms, scale, _residual_in_fp32, *_out_dtype = inputs
     _y, s, mean, rstd = output
     ctx.set_materialize_grads(False)  # an unused s must not cost a zero-filled gradient
     ctx.mark_non_differentiable(mean, rstd)
@@ -301,8 +313,8 @@ def _add_norm_backward(ctx, dy, ds, _dmean, _drstd):
     has_residual = ctx.residual_dtype is not None
     if dy is None:  # only s was used: its gradient passes straight to x and residual
         if not has_residual or ds is None:
-            return (None,) * 8
-        return ds.to(ctx.x_dtype), ds.to(ctx.residual_dtype), None, None, None, None, None, None
+            return (None,) * 9
+        return ds.to(ctx.x_dtype), ds.to(ctx.residual_dtype), None, None, None, None, None, None, None
     dnorm, dx, dweight, dbias = torch.ops.megamix.add_norm_bwd(
         dy,
         ds if has_residual else None,
@@ -318,7 +330,7 @@ def _add_norm_backward(ctx, dy, ds, _dmean, _drstd):
     grad_x = dx if ctx.x_dtype != norm_in.dtype else dnorm
     grad_residual = dnorm.to(ctx.residual_dtype) if has_residual else None
     grad_bias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-    return grad_x, grad_residual, dweight.to(weight.dtype), grad_bias, None, None, None, None
+    return grad_x, grad_residual, dweight.to(weight.dtype), grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd(
