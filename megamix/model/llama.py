@@ -2,11 +2,12 @@
 
 Read it top to bottom: rotary embeddings, attention (GQA through ``scaled_dot_product_attention``,
 with optional norms on q, k and v), the SwiGLU MLP, the block — one class that reads where its
-norms go from its layer scheme's row in :data:`megamix.schemes.SCHEMES` — and the model.  Nothing here knows about
-parallelism: tensor, pipeline and data parallelism are applied to this model from outside by
-``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
-``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding,
-final norm and head may be ``None`` on stages that do not hold them.)
+norms go from its layer scheme's row in :data:`megamix.schemes.SCHEMES` — and the model.  Nothing
+here knows about parallelism: tensor, pipeline and data parallelism are applied to this model from
+outside by ``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
+``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding, its
+norm, the final norm and the head may be ``None`` on stages that do not hold them.  One to tensor
+parallelism: a norm on q, k or v may be handed a ``split`` saying how its features are divided.)
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class Attention(nn.Module):
     norm on q and k, or on v, before RoPE: ``full`` over the whole projection (OLMo 2), ``per_head``
     over each head's features with one weight shared by the heads (Qwen3, Gemma 3, HybridNorm)."""
 
-    def __init__(self, cfg: ModelConfig, norm: NormConfig | None = None, qk_norm: str = "none",
-                 v_norm: str = "none", dyt_alpha: float = 0.5):
+    def __init__(self, cfg: ModelConfig, qk_norm: str = "none", v_norm: str = "none", norm_type: str = "rmsnorm",
+                 dyt_alpha: float = 0.5):
         super().__init__()
         self.head_dim = cfg.head_dim
         kv_dim = cfg.kv_heads * cfg.head_dim
@@ -56,7 +57,7 @@ class Attention(nn.Module):
         for name, width in (("q_norm", cfg.hidden_size), ("k_norm", kv_dim), ("v_norm", kv_dim)):
             if self.forms[name] != "none":
                 dim = width if self.forms[name] == "full" else cfg.head_dim
-                setattr(self, name, Norm(dim, norm.type, cfg.norm_eps, alpha=dyt_alpha))
+                setattr(self, name, Norm(dim, norm_type, cfg.norm_eps, alpha=dyt_alpha))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q = self.heads(self.q_proj(x), "q_norm")
@@ -117,7 +118,7 @@ class Block(nn.Module):
         input_scale = row.input_scale(layer_index, cfg.num_layers, norm)
         self.residual_weight = row.residual_weight(layer_index, cfg.num_layers, norm)
         qk_norm, v_norm = attention_norms(norm, scheme)
-        attention = Attention(cfg, norm, qk_norm, v_norm, dyt_alpha=norm.dyt_alpha_attention)
+        attention = Attention(cfg, qk_norm, v_norm, norm.type, dyt_alpha=norm.dyt_alpha_attention)
         self.norm_names: dict[str, tuple[str | None, ...]] = {}
         for sublayer, module in (("attention", attention), ("mlp", MLP(cfg))):
             names = {slot: norm_attribute(row, sublayer, slot) for slot in row.norms(sublayer).slots()}
