@@ -23,9 +23,9 @@ from typing import Any, Union
 import yaml
 
 from megamix.errors import MegamixError
-from megamix.schemes import MIX, SCHEMES, model_schemes
+from megamix.schemes import ATTENTION_NORMS, MIX, SCHEMES, model_schemes
 
-NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_TYPES = ("rmsnorm", "layernorm", "dyt")
 ENGINES = ("fsdp2", "deepspeed")
 OFFLOADS = ("none", "cpu", "nvme")
 # DeepSpeed keys the trainer derives from train.* and must own: the batch arithmetic decides which
@@ -98,12 +98,18 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
-    type: str = "rmsnorm"
+    type: str = "rmsnorm"  # rmsnorm | layernorm | dyt (Dynamic Tanh: γ·tanh(α·x) + β, α a learned scalar)
     scheme: str = "pre"
     alpha: float | None = None  # Mix-LN: the first floor(alpha * L) layers are Post-LN
+    post_layers: int | None = None  # Mix-LN: the first K layers are Post-LN (the reference's POST_NUM); or alpha
     layers: list[str] | None = None  # explicit per-layer kinds; overrides scheme
     deepnorm_alpha: float | None = None  # None: DeepNet's (2L)^(1/4)
     deepnorm_beta: float | None = None  # None: DeepNet's init gain (8L)^(-1/4)
+    qk_norm: str | None = None  # none | full | per_head on q and k before RoPE; None: as the scheme's paper
+    v_norm: str | None = None  # none | full | per_head on v; None: as the scheme's paper (HybridNorm: per_head)
+    embedding_norm: bool = False  # Peri-LN's y0 = N(E[x]): a norm on the embedding's output
+    dyt_alpha_attention: float = 0.8  # DyT's α0 for the attention sublayer's norms (the paper's LLaMA 7B value)
+    dyt_alpha_other: float = 0.2  # ...and for the MLP's, the final, the embedding norm
 
 
 @dataclass
@@ -478,13 +484,28 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     _choice("norm.scheme", n.scheme, model_schemes())
     if n.alpha is not None and not 0.0 <= n.alpha <= 1.0:  # also catches NaN
         raise ConfigError("norm.alpha", f"the Post-LN fraction must lie in [0, 1]; got {n.alpha}")
+    if n.alpha is not None and n.post_layers is not None:
+        raise ConfigError("norm.post_layers", "give Mix-LN's Post-LN layers either as a count (post_layers) "
+                          f"or as a fraction (alpha), not both; got post_layers={n.post_layers}, alpha={n.alpha}")
+    if n.post_layers is not None:
+        if n.layers is None and n.scheme != MIX:
+            raise ConfigError("norm.post_layers", f"is Mix-LN's count of Post-LN layers; it needs scheme: mix "
+                              f"(got scheme: {n.scheme})")
+        if not 0 <= n.post_layers <= m.num_layers:
+            raise ConfigError("norm.post_layers", f"must lie in [0, num_layers={m.num_layers}]; got {n.post_layers}")
     if n.layers is not None:
         if len(n.layers) != m.num_layers:
             raise ConfigError("norm.layers", f"has {len(n.layers)} entries for {m.num_layers} layers")
         for i, scheme in enumerate(n.layers):
             _choice(f"norm.layers[{i}]", scheme, tuple(SCHEMES))
-    elif n.scheme == MIX and n.alpha is None:
-        raise ConfigError("norm.alpha", "scheme 'mix' needs alpha, the fraction of Post-LN layers (0.25 in the paper)")
+    elif n.scheme == MIX and n.alpha is None and n.post_layers is None:
+        raise ConfigError("norm.alpha", "scheme 'mix' needs alpha, the fraction of Post-LN layers (0.25 in the "
+                          "paper), or norm.post_layers, their number")
+    for name in ("qk_norm", "v_norm"):
+        if getattr(n, name) is not None:
+            _choice(f"norm.{name}", getattr(n, name), ATTENTION_NORMS)
+    for name in ("dyt_alpha_attention", "dyt_alpha_other"):
+        _positive(f"norm.{name}", getattr(n, name))
     if n.deepnorm_alpha is not None:
         _positive("norm.deepnorm_alpha", n.deepnorm_alpha)
     if n.deepnorm_beta is not None:

@@ -28,9 +28,11 @@ from megamix.parallel.mesh import ParallelMesh
 from megamix.parallel.pipeline import keep_stage
 from megamix.parallel.stages import stage_of_layers, stage_to_rank, stages_of_rank
 from megamix.parallel.tensor_parallel import apply_tensor_parallel, is_tensor_parallel
+from megamix.schemes import MIX, attention_norms, describe_schemes, layer_schemes, post_ln_layers
 
 GiB = 2**30
 TP_SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
+ATTENTION_NORMS = re.compile(r"^layers\.(\d+)\.attention\.([qkv]_norm)\.(weight|bias)$")
 
 
 @dataclass
@@ -111,11 +113,11 @@ def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], Ra
         if id(param) in seen:
             continue
         seen.add(id(param))
-        sharded = any(f"{k}." in name for k in TP_SHARDED)
+        sharded = _tp_sharded(name, model)
         layer = layer_of(name)
         if layer is not None:
             stage = layer_stage[layer]
-        elif name.startswith("embed_tokens"):
+        elif name.startswith(("embed_tokens.", "embed_norm.")):
             stage = 0
         else:  # final norm and head
             stage = num_stages - 1
@@ -125,6 +127,15 @@ def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], Ra
             out[(pp_rank, tp_rank)].held += share
             out[(pp_rank, tp_rank)].owned += share if sharded or tp_rank == 0 else 0
     return out
+
+
+def _tp_sharded(name: str, model: Transformer) -> bool:
+    """Whether tensor parallelism splits the parameter ``name``: the projections, embedding and head,
+    and the weight and bias of a norm over a whole q, k or v projection (``full``)."""
+    if any(f"{k}." in name for k in TP_SHARDED):
+        return True
+    match = ATTENTION_NORMS.match(name)
+    return match is not None and model.layers[match.group(1)].attention.forms[match.group(2)] == "full"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,9 +266,12 @@ def make_plan(cfg: Config) -> dict:
         row["shapes"] = {name: list(shape) for name, (shape, _) in local.items()}
     return {
         "layers": [
-            {"index": i, "norm": scheme, "stage": layer_stage[i], "pp_rank": stage_to_rank(layer_stage[i], p.pp)}
+            {"index": i, "norm": scheme, "qk_norm": attention_norms(cfg.norm, scheme)[0],
+             "v_norm": attention_norms(cfg.norm, scheme)[1], "stage": layer_stage[i],
+             "pp_rank": stage_to_rank(layer_stage[i], p.pp)}
             for i, scheme in enumerate(model.schemes)
         ],
+        "norm": norm_summary(cfg),
         "params_total": num_parameters(model),
         "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp or 1, "zero": p.zero, "engine": p.engine,
                    "virtual_stages": p.virtual_stages, "schedule": p.schedule,
@@ -265,6 +279,20 @@ def make_plan(cfg: Config) -> dict:
                    "activation_checkpoint": p.activation_checkpoint, "precision": cfg.train.precision},
         "ranks": ranks,
     }
+
+
+def norm_summary(cfg: Config) -> dict:
+    """The resolved norm settings: the type, the per-layer schemes run-length encoded, Mix-LN's
+    count of Post-LN layers (and where it came from), the embedding norm, DyT's α0."""
+    n, num_layers = cfg.norm, cfg.model.num_layers
+    summary: dict = {"type": n.type, "schemes": describe_schemes(layer_schemes(n, num_layers)),
+                     "embedding_norm": n.embedding_norm}
+    if n.layers is None and n.scheme == MIX:
+        summary["post_ln_layers"] = post_ln_layers(n, num_layers)
+        summary["post_ln_from"] = f"post_layers={n.post_layers}" if n.post_layers is not None else f"alpha={n.alpha}"
+    if n.type == "dyt":
+        summary["dyt_alpha"] = {"attention": n.dyt_alpha_attention, "other": n.dyt_alpha_other}
+    return summary
 
 
 def _divisors(n: int) -> list[int]:
@@ -314,10 +342,24 @@ def _shape_table(shapes: dict[str, list[int]]) -> list[str]:
     return lines
 
 
+def _format_norm(norm: dict, num_layers: int) -> str:
+    text = f"norm: {norm['type']}, {norm['schemes']}"
+    if "post_ln_layers" in norm:
+        text += f" (Mix-LN: {norm['post_ln_layers']} of {num_layers} layers Post-LN, from {norm['post_ln_from']})"
+    if norm["embedding_norm"]:
+        text += ", embedding norm"
+    if "dyt_alpha" in norm:
+        text += f", DyT alpha0 {norm['dyt_alpha']['attention']} (attention) / {norm['dyt_alpha']['other']} (other)"
+    return text
+
+
 def format_plan(plan: dict) -> str:
-    lines = [f"parameters: {plan['params_total']:,}", "", "layer  norm      stage  pp rank"]
+    attention_norms = any(row["qk_norm"] != "none" or row["v_norm"] != "none" for row in plan["layers"])
+    lines = [f"parameters: {plan['params_total']:,}", _format_norm(plan["norm"], len(plan["layers"])), "",
+             "layer  norm          stage  pp rank" + ("  qk_norm   v_norm" if attention_norms else "")]
     for row in plan["layers"]:
-        lines.append(f"{row['index']:>5}  {row['norm']:<8}  {row['stage']:>5}  {row['pp_rank']:>7}")
+        extra = f"  {row['qk_norm']:<8}  {row['v_norm']}" if attention_norms else ""
+        lines.append(f"{row['index']:>5}  {row['norm']:<12}  {row['stage']:>5}  {row['pp_rank']:>7}{extra}")
     lay = plan["layout"]
     sp = ", sequence parallel" if lay["sequence_parallel"] and lay["tp"] > 1 else ""
     lines += ["", f"layout: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} zero={lay['zero']} ({lay['engine']}){sp}, "

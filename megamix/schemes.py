@@ -3,27 +3,34 @@
 A *layer scheme* says where a transformer block's norms sit around each of its two sublayers F
 (attention, then the MLP), with x the residual stream and N a norm with its own weight:
 
-==========  =============================  ==================================================
-scheme      per sublayer                   source
-==========  =============================  ==================================================
-pre         x = x + F(N(x))                the standard LLaMA block
-post        x = N(x + F(x))                the original Transformer
-lns         x = x + F(N(x) / √(ℓ+1))       LayerNorm Scaling (Curse of Depth)
-peri        x = x + N_out(F(N_in(x)))      Peri-LN
-deepnorm    x = N(a·x + F(x))              DeepNet, a = (2L)^¼, init gain (8L)^-¼
-==========  =============================  ==================================================
+============  ====================================================  ==========================================
+scheme        per sublayer                                          source
+============  ====================================================  ==========================================
+pre           x = x + F(N(x))                                       the standard LLaMA block
+post          x = N(x + F(x))                                       the original Transformer
+lns           x = x + F(N(x) / √(ℓ+1))                              LayerNorm Scaling (Curse of Depth)
+peri          x = x + N_out(F(N_in(x)))                             Peri-LN
+deepnorm      x = N(a·x + F(x))                                     DeepNet, a = (2L)^¼, init gain (8L)^-¼
+olmo2         x = x + N(F(x)); QK-norm over the whole projection    OLMo 2's reordered norm
+hybrid        attention x = N(x + A(x)), MLP x = x + M(x);          HybridNorm (per block: QKV-norm attention,
+              q, k, v normalized per head                           then the FFN's Post-Norm)
+hybrid_first  x = x + F(N(x)); q, k, v normalized per head          HybridNorm*'s first block
+============  ====================================================  ==========================================
 
 ℓ is the block's *global* index from 0 and L the number of blocks, so a pipeline stage holding
 blocks 8–15 builds each from its global ℓ.  The model's ``norm.scheme`` is one of these for every
-layer, or ``mix`` (Mix-LN: layers ℓ < ⌊α·L⌋ ``post``, the rest ``pre``); ``norm.layers`` lists one
-scheme per layer.  :func:`layer_schemes` turns the config into that list.
+layer, or a *model scheme*: ``mix`` (Mix-LN: the first K layers ``post``, the rest ``pre``; K is
+``norm.post_layers``, or ⌊α·L⌋ from ``norm.alpha``) or ``hybrid_star`` (HybridNorm*: a
+``hybrid_first`` block, then ``hybrid`` blocks); ``norm.layers`` lists one scheme per layer.
+:func:`layer_schemes` turns the config into that list.
 
 Every fact about a scheme lives in its :class:`LayerScheme` row of :data:`SCHEMES`: which norms a
 sublayer has (before it, on its output, after the residual add), the scale on the input norm's
-output, the weight of x in the residual add, the initialization rule, and the exported Hugging
-Face names of its norms.  The model's block, its initialization, config validation, ``megamix
-plan`` and the Hugging Face exporter all read these rows, so a new scheme is one row (and its
-tests).  The docs (``docs/placements.md``) give the formulas with their papers.
+output, the weight of x in the residual add, the norms its paper puts on the attention's q, k and v,
+the initialization rule, and the exported Hugging Face names of its norms.  The model's block, its
+initialization, config validation, ``megamix plan`` and the Hugging Face exporter all read these
+rows, so a new scheme is one row (and its tests).  The docs (``docs/placements.md``) give the
+formulas with their papers.
 
 This module sits at the bottom of the package (beside the config) and imports nothing from megamix.
 """
@@ -42,6 +49,10 @@ if TYPE_CHECKING:
 
 SUBLAYERS = ("attention", "mlp")
 SLOTS = ("before", "output", "after")  # N(x) into F, N(F(·)) on its output, N(x + ·) after the add
+# Norms inside attention, on q and k (QK-norm) or v, before RoPE: none; over the whole projection
+# (OLMo 2; its statistics span the heads of every tensor-parallel rank); or over each head's
+# head_dim features with one weight shared by the heads (Gemma 3, Qwen3, HybridNorm).
+ATTENTION_NORMS = ("none", "full", "per_head")
 
 
 class Scheme(str, enum.Enum):
@@ -52,9 +63,14 @@ class Scheme(str, enum.Enum):
     LNS = "lns"
     PERI = "peri"
     DEEPNORM = "deepnorm"
+    OLMO2 = "olmo2"
+    HYBRID = "hybrid"
+    HYBRID_FIRST = "hybrid_first"
 
 
-MIX = "mix"  # a model scheme, not a layer scheme: Post-LN then Pre-LN layers
+# Model schemes, not layer schemes: each names a list of layer schemes (see layer_schemes).
+MIX = "mix"  # Mix-LN: Post-LN layers, then Pre-LN layers
+HYBRID_STAR = "hybrid_star"  # HybridNorm*: one hybrid_first block, then hybrid blocks
 
 
 @dataclass(frozen=True)
@@ -79,10 +95,12 @@ class LayerScheme:
 
     ``input_scale`` and ``residual_weight`` are functions of (ℓ, L, the norm config): the factor on
     the ``before`` norm's output (LayerNorm Scaling's 1/√(ℓ+1)) and the weight a of x in the
-    residual add (DeepNorm's (2L)^¼).  ``init`` names the weight initialization rule (see
-    :meth:`megamix.model.llama.Transformer.init_weights`).  ``hf_names`` maps
-    ``(sublayer, slot)`` to the norm's name in a Hugging Face export (``model.layers.ℓ.<name>``);
-    norms it does not name are exported as ``<sublayer>_<slot>_norm``.
+    residual add (DeepNorm's (2L)^¼).  ``qk_norm`` and ``v_norm`` are the norms the scheme's paper
+    puts on the attention's q and k, and on v (one of :data:`ATTENTION_NORMS`); ``norm.qk_norm`` and
+    ``norm.v_norm`` override them for every layer (:func:`attention_norms`).  ``init`` names the
+    weight initialization rule (see :meth:`megamix.model.llama.Transformer.init_weights`).
+    ``hf_names`` maps ``(sublayer, slot)`` to the norm's name in a Hugging Face export
+    (``model.layers.ℓ.<name>``); norms it does not name are exported as ``<sublayer>_<slot>_norm``.
     """
 
     name: str
@@ -91,6 +109,8 @@ class LayerScheme:
     mlp: SublayerNorms
     input_scale: Callable[[int, int, NormConfig], float] = _one
     residual_weight: Callable[[int, int, NormConfig], float] = _one
+    qk_norm: str = "none"
+    v_norm: str = "none"
     init: str = "normal"  # normal: N(0, init_std²); deepnet: DeepNet's xavier-normal with gain (8L)^-¼
     hf_names: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -126,6 +146,8 @@ def deepnorm_constants(norm: NormConfig, num_layers: int) -> tuple[float, float]
 _PRE = SublayerNorms(before=True)
 _POST = SublayerNorms(after=True)
 _PERI = SublayerNorms(before=True, output=True)
+_OUT = SublayerNorms(output=True)
+_NONE = SublayerNorms()
 _PRE_NAMES = {("attention", "before"): "input_layernorm", ("mlp", "before"): "post_attention_layernorm"}
 _POST_NAMES = {("attention", "after"): "post_attention_layernorm", ("mlp", "after"): "post_feedforward_layernorm"}
 
@@ -141,13 +163,23 @@ SCHEMES: dict[str, LayerScheme] = {
             ("mlp", "before"): "pre_feedforward_layernorm", ("mlp", "output"): "post_feedforward_layernorm"}),
         LayerScheme(Scheme.DEEPNORM.value, "x = N(a*x + F(x))", _POST, _POST, hf_names=_POST_NAMES, init="deepnet",
                     residual_weight=lambda layer, num_layers, norm: deepnorm_constants(norm, num_layers)[0]),
+        # OLMo 2: the norm on the branch output only (Gemma 2's and Peri-LN's names for that slot).
+        LayerScheme(Scheme.OLMO2.value, "x = x + N(F(x))", _OUT, _OUT, qk_norm="full", hf_names={
+            ("attention", "output"): "post_attention_layernorm", ("mlp", "output"): "post_feedforward_layernorm"}),
+        # HybridNorm: Y = X + MHA(QKV-norm) and X' = N(Y) + FFN(N(Y)), i.e. the norm after the
+        # attention add, whose output is both the stream and the FFN's input.
+        LayerScheme(Scheme.HYBRID.value, "attention: x = N(x + A(x)); mlp: x = x + F(x)", _POST, _NONE,
+                    qk_norm="per_head", v_norm="per_head",
+                    hf_names={("attention", "after"): "post_attention_layernorm"}),
+        LayerScheme(Scheme.HYBRID_FIRST.value, "x = x + F(N(x))", _PRE, _PRE, qk_norm="per_head", v_norm="per_head",
+                    hf_names=_PRE_NAMES),
     )
 }
 
 
 def model_schemes() -> tuple[str, ...]:
-    """What ``norm.scheme`` may be: any layer scheme, or ``mix``."""
-    return (*SCHEMES, MIX)
+    """What ``norm.scheme`` may be: any layer scheme, ``mix`` or ``hybrid_star``."""
+    return (*SCHEMES, MIX, HYBRID_STAR)
 
 
 def num_post_ln_layers(alpha: float, num_layers: int) -> int:
@@ -155,14 +187,32 @@ def num_post_ln_layers(alpha: float, num_layers: int) -> int:
     return int(Fraction(str(alpha)) * num_layers)
 
 
+def post_ln_layers(norm: NormConfig, num_layers: int) -> int:
+    """Mix-LN's number of Post-LN layers: ``norm.post_layers`` (the reference's ``POST_NUM``) if
+    given, else ⌊α·L⌋ of ``norm.alpha``."""
+    if norm.post_layers is not None:
+        return norm.post_layers
+    return num_post_ln_layers(norm.alpha, num_layers)
+
+
 def layer_schemes(norm: NormConfig, num_layers: int) -> list[str]:
     """The scheme of each layer, by global layer index."""
     if norm.layers is not None:
         return list(norm.layers)
     if norm.scheme == MIX:
-        post_ln_layers = num_post_ln_layers(norm.alpha, num_layers)
-        return [Scheme.POST.value] * post_ln_layers + [Scheme.PRE.value] * (num_layers - post_ln_layers)
+        post = post_ln_layers(norm, num_layers)
+        return [Scheme.POST.value] * post + [Scheme.PRE.value] * (num_layers - post)
+    if norm.scheme == HYBRID_STAR:
+        return [Scheme.HYBRID_FIRST.value] + [Scheme.HYBRID.value] * (num_layers - 1)
     return [norm.scheme] * num_layers
+
+
+def attention_norms(norm: NormConfig, scheme: str) -> tuple[str, str]:
+    """The (q and k, v) norms of a layer of ``scheme``: ``norm.qk_norm``/``norm.v_norm`` where the
+    config sets them (for every layer), else what the scheme's row says its paper uses."""
+    row = SCHEMES[scheme]
+    return (row.qk_norm if norm.qk_norm is None else norm.qk_norm,
+            row.v_norm if norm.v_norm is None else norm.v_norm)
 
 
 def describe_schemes(schemes: list[str]) -> str:

@@ -39,3 +39,22 @@ def test_the_fused_custom_op_is_traced_inside_the_block_graph(tiny_config, monke
     torch.testing.assert_close(got, Block.stream(*block(x, None, cos, sin)))
     ops = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
     assert any("megamix.add_norm_fwd" in op for op in ops), ops
+
+
+@pytest.mark.parametrize("overrides", [["norm.scheme=hybrid_star", "norm.embedding_norm=true"],
+                                       ["norm.scheme=olmo2", "norm.type=dyt"]])
+def test_blocks_with_attention_norms_and_dyt_compile_without_graph_breaks(tiny_config, overrides):
+    """q/k/v norms (per head and over the whole projection), HybridNorm's after-add norm and DyT
+    trace as one graph per block (``fullgraph``) and compute the eager block's output."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    trainer = Trainer(tiny_config(*overrides))
+    model = trainer.engine.model
+    x = torch.randn(2, 8, 32)
+    cos, sin = model.rope_cos[:8], model.rope_sin[:8]
+    for block in list(model.layers.values())[:2]:
+        torch.compiler.reset()  # each block traced afresh, not as a recompile of the blocks before it
+        counter = CompileCounterWithBackend("eager")
+        got = Block.stream(*torch.compile(block, backend=counter, fullgraph=True)(x, None, cos, sin))
+        torch.testing.assert_close(got, Block.stream(*block(x, None, cos, sin)))
+        assert counter.frame_count == 1

@@ -28,6 +28,18 @@ BAD = [
     (["train.global_batch_size=6"], "train.global_batch_size", "multiple of micro_batch_size"),
     (["data.seq_len=4096"], "data.seq_len", "exceeds model.max_seq_len"),
     (["train.min_lr=1.0"], "train.min_lr", "[0, lr"),
+    (["norm.scheme=mix", "norm.alpha=0.25", "norm.post_layers=1"], "norm.post_layers", "not both"),
+    (["norm.scheme=mix", "norm.post_layers=5"], "norm.post_layers", "[0, num_layers=4]"),
+    (["norm.scheme=mix", "norm.post_layers=-1"], "norm.post_layers", "[0, num_layers=4]"),
+    (["norm.post_layers=2"], "norm.post_layers", "needs scheme: mix"),
+    (["norm.scheme=mix"], "norm.alpha", "or norm.post_layers"),
+    (["norm.qk_norm=headwise"], "norm.qk_norm", "must be one of"),
+    (["norm.v_norm=qkv"], "norm.v_norm", "must be one of"),
+    (["norm.type=tanh"], "norm.type", "must be one of"),
+    (["norm.type=dyt", "norm.dyt_alpha_attention=0"], "norm.dyt_alpha_attention", "positive"),
+    (["norm.dyt_alpha_other=-0.2"], "norm.dyt_alpha_other", "positive"),
+    (["norm.embedding_norm=1"], "norm.embedding_norm", "true or false"),
+    (["norm.layers=[pre, hybrid_star, pre, pre]"], "norm.layers[1]", "must be one of"),
 ]
 
 BASE = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "model.max_seq_len=128",

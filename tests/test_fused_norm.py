@@ -418,3 +418,49 @@ def test_benchmark_cpu_smoke_covers_the_residual_modes_and_writes_json(tmp_path,
     case = bench.Case("rms", torch.bfloat16, "fp32", 10, 3, backward=True)
     assert case.min_bytes() == 30 * ((2 + 4 + 2 + 4) + (4 + 2 + 4 + 4 + 2))
     assert bench.Case("rms", torch.bfloat16, "none", 10, 3, backward=False).min_bytes() == 30 * 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_norm_over_features_split_across_ranks_equals_the_whole(kind):
+    """QK-norm over a column-sharded projection (tensor parallelism): each of 4 simulated ranks
+    holds a quarter of the columns and of the weight, and the statistics summed over the ranks
+    (here by threads meeting at a barrier) give the one-process norm."""
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 2 + 0.5
+    weight, bias = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    ranks = 4
+    barrier, slots, out = threading.Barrier(ranks), [None] * ranks, [None] * ranks
+
+    def run(rank):
+        def reduce_sum(t):
+            slots[rank] = t
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+
+        columns = slice(rank * 4, rank * 4 + 4)
+        out[rank] = fn.norm_split_features(x[..., columns], weight[columns], bias[columns] if kind == "layer" else None,
+                                           EPS, kind, 16, reduce_sum)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected, _ = formula(x, None, weight, bias if kind == "layer" else None, EPS, kind, 1.0)
+    torch.testing.assert_close(torch.cat(out, -1), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dyt_adds_then_applies_gamma_tanh_alpha_plus_beta():
+    torch.manual_seed(0)
+    x, r = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    w, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    a = torch.tensor([0.7], dtype=torch.float64)
+    y, s = fn.add_dyt(x, r, w, b, a, scale=0.5)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, (w * torch.tanh(0.7 * (x + r)) + b) * 0.5, rtol=1e-14, atol=1e-14)
+    y, s = fn.add_dyt(x.float(), r, w.float(), None, a.float(), out_dtype=torch.float64)
+    assert y.dtype == torch.float64 and s.dtype == torch.float64

@@ -32,7 +32,13 @@ SCHEMES = {
     "deepnorm": ["norm.scheme=deepnorm"],
     "mix_layernorm": ["norm.scheme=mix", "norm.alpha=0.25", "norm.type=layernorm"],
     "explicit_tied": ["norm.layers=[post,peri,lns,deepnorm]", "model.tie_embeddings=true"],
+    # OLMo 2 (full QK-norm), HybridNorm (per-head QKV-norm), HybridNorm*'s first block, Peri-LN with
+    # its embedding norm; DyT in every norm, q and k's over the whole projection.
+    "new_placements": ["norm.layers=[hybrid_first,olmo2,hybrid,peri]", "norm.embedding_norm=true",
+                       "norm.type=layernorm"],
+    "dyt_hybrid_star": ["norm.type=dyt", "norm.scheme=hybrid_star", "norm.qk_norm=full"],
 }
+NEW_NORMS = ["new_placements", "dyt_hybrid_star"]
 
 
 def train(root: Path, overrides: list[str]) -> Path:
@@ -98,6 +104,41 @@ def test_export_gives_megamix_logits_and_generation(checkpoint, tmp_path, scheme
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == ("llama" if scheme == "pre" else "megamix")
     assert_same_model(load_model(run), load_hf(out, remote_code=scheme != "pre"))
+
+
+@pytest.mark.parametrize("scheme", NEW_NORMS)
+def test_new_norms_round_trip_through_the_importer(checkpoint, tmp_path, scheme):
+    """An export of the new placements and norm types imports back (``import_hf``, what
+    ``convert_from_hf.py`` runs) into the same model: its per-layer norms and every weight."""
+    from megamix.checkpoint.files import checkpoint_config, resolve_checkpoint
+    from megamix.hf.importer import import_hf
+    from megamix.schemes import attention_norms
+
+    run = checkpoint(scheme)
+    out = export_checkpoint(run, tmp_path / "export", dtype="fp32")
+    import_hf(out, tmp_path / "imported")
+    ours, back = load_model(run), load_model(tmp_path / "imported")
+    cfg, cfg_back = (checkpoint_config(resolve_checkpoint(p)) for p in (run, tmp_path / "imported"))
+    assert back.schemes == ours.schemes
+    assert ([attention_norms(cfg_back.norm, s) for s in back.schemes]
+            == [attention_norms(cfg.norm, s) for s in ours.schemes])
+    assert (cfg_back.norm.type, cfg_back.norm.embedding_norm) == (cfg.norm.type, cfg.norm.embedding_norm)
+    mine, theirs = ours.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_only_plain_pre_ln_rmsnorm_is_stock_llama():
+    """A norm on q, k, v or the embedding, or DyT, makes a Pre-LN model a megamix export."""
+    from megamix.config import ModelConfig, NormConfig
+    from megamix.hf.adapter import hf_config, is_stock_llama
+
+    assert is_stock_llama(NormConfig(), 4)
+    for norm in (NormConfig(qk_norm="per_head"), NormConfig(v_norm="full"), NormConfig(embedding_norm=True),
+                 NormConfig(type="dyt"), NormConfig(scheme="hybrid_first")):
+        assert not is_stock_llama(norm, 4)
+    fields = hf_config(ModelConfig(num_layers=2), NormConfig(qk_norm="per_head", embedding_norm=True))
+    assert fields["model_type"] == "megamix" and fields["embedding_norm"]
+    assert [(row["qk_norm"], row["v_norm"]) for row in fields["layer_norms"]] == [("per_head", "none")] * 2
 
 
 def test_pre_ln_export_is_stock_llama_without_remote_code(checkpoint, tmp_path):

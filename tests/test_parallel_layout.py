@@ -122,3 +122,35 @@ def test_plan_reports_real_shapes_and_world_size_survey(capsys):
     # ZeRO-2 over 8 ranks holds an eighth of the fp32 master weights, gradients and Adam moments.
     zero = next(r for r in layouts if (r["tp"], r["pp"], r["dp"]) == (1, 1, 8))
     assert zero["memory_gib"]["optimizer"] == pytest.approx(6_738_415_616 * 8 / 8 / 2**30)
+
+
+def test_attention_norms_under_tp2_pp2_shard_like_their_projections():
+    """A ``full`` QK-norm's weight is split like q and k's columns (and counted so by the plan's
+    arithmetic); a per-head one is replicated; the embedding norm lives on the first stage."""
+    cfg = load_config(None, TINY + ["model.num_layers=4", "norm.layers=[olmo2,hybrid,peri,hybrid_first]",
+                                    "norm.type=dyt", "norm.embedding_norm=true", "parallel.tp=2", "parallel.pp=2"])
+    validate(cfg, world_size=4)
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.norm)
+    built, shapes = built_params_per_rank(cfg, model)
+    assert built == params_per_rank(cfg, model)
+    assert sum(r.owned for r in built.values()) == sum(p.numel() for p in model.parameters())
+    first = shapes[(0, 1)]
+    assert first["layers.0.attention.q_norm.weight"] == ((16,), True)  # full: 32 columns over 2 ranks
+    assert first["layers.0.attention.k_norm.bias"] == ((8,), True)
+    assert first["layers.0.attention.q_norm.alpha"] == ((1,), False)
+    assert first["layers.1.attention.v_norm.weight"] == ((8,), False)  # per head: head_dim, replicated
+    assert first["embed_norm.weight"] == ((32,), False) and "embed_norm.weight" not in shapes[(1, 0)]
+
+
+def test_chained_stages_with_an_embedding_norm_compute_the_full_model():
+    cfg = load_config(None, TINY + ["norm.scheme=hybrid_star", "norm.embedding_norm=true"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, cfg.norm)
+    tokens = torch.randint(0, 512, (2, 16))
+    h = tokens
+    for stage in range(2):
+        part = keep_stage(copy.deepcopy(model), stage, 2)
+        assert (part.embed_norm is not None) == (stage == 0)
+        h = part(h)
+    torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)

@@ -138,10 +138,20 @@ def test_zero3_frees_gathered_weights_after_forward_and_zero2_keeps_them(two_pro
 
 
 # ----------------------------------------------------------------------------------------------
-# Four processes: PP=4 (every schedule, 8 layers), and TP2·PP2 with sequence parallelism for every
-# norm scheme.
+# Four processes: PP=4 (every schedule, 8 layers), TP2·PP2 with sequence parallelism for every
+# norm scheme, and two mixed runs of the newer placements and norm types: HybridNorm*'s first
+# block, OLMo 2 (QK-norm over the whole projection: statistics summed over the tensor ranks),
+# HybridNorm (per-head q, k, v norms) and Peri-LN with its embedding norm on the first stage, under
+# sequence parallelism; then DyT in every norm (and a full V-norm) without it, where the gradients
+# of the replicated parameters of q, k, v's norms are summed over the tensor ranks in the backward.
 
 EIGHT = ["model.num_layers=8"]
+NEW_NORMS = {
+    "tp2_pp2_sp_new_placements": (["norm.layers=[hybrid_first,olmo2,hybrid,peri]", "norm.embedding_norm=true"],
+                                  ["parallel.sequence_parallel=true"]),
+    "tp2_pp2_dyt": (["norm.type=dyt", "norm.layers=[olmo2,hybrid,post,pre]", "norm.v_norm=full",
+                     "norm.embedding_norm=true"], []),
+}
 
 
 def four_process_cases(data: Path) -> list[dict]:
@@ -153,6 +163,8 @@ def four_process_cases(data: Path) -> list[dict]:
         cases.append(case(f"tp2_pp2_{scheme}", data, model, ["parallel.tp=2", "parallel.pp=2",
                                                              "parallel.sequence_parallel=true"],
                           evaluate=scheme == "mix"))
+    for name, (model, layout) in NEW_NORMS.items():
+        cases.append(case(name, data, model, ["parallel.tp=2", "parallel.pp=2", *layout]))
     return cases
 
 

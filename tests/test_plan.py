@@ -33,3 +33,19 @@ def test_plan_text_lists_every_layer(capsys):
     out = capsys.readouterr().out
     assert "parameters: 70,578,688" in out
     assert sum(1 for line in out.splitlines() if line.strip().split(" ")[0].isdigit() and "post" in line) == 3
+
+
+def test_plan_prints_the_resolved_post_ln_count_and_the_attention_norms(capsys):
+    """``norm.post_layers: 8`` on 24 layers is 8 Post-LN layers (α = 0.33 would give 7); the text says so."""
+    args = ["--config", "configs/llama_tiny.yaml", "--set", "model.num_layers=24", "--set", "norm.alpha=null",
+            "--set", "norm.post_layers=8"]
+    plan = plan_json(capsys, *args)
+    assert [row["norm"] for row in plan["layers"]] == ["post"] * 8 + ["pre"] * 16
+    assert plan["norm"]["post_ln_layers"] == 8 and plan["norm"]["post_ln_from"] == "post_layers=8"
+    assert main(["plan", *args]) == 0
+    assert "Mix-LN: 8 of 24 layers Post-LN, from post_layers=8" in capsys.readouterr().out
+    plan = plan_json(capsys, "--config", "configs/llama_tiny.yaml", "--set", "norm.scheme=hybrid_star",
+                     "--set", "norm.type=dyt", "--set", "norm.embedding_norm=true")
+    assert [(r["norm"], r["qk_norm"], r["v_norm"]) for r in plan["layers"]] == (
+        [("hybrid_first", "per_head", "per_head")] + [("hybrid", "per_head", "per_head")] * 3)
+    assert plan["norm"]["dyt_alpha"] == {"attention": 0.8, "other": 0.2} and plan["norm"]["embedding_norm"]

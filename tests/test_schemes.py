@@ -8,7 +8,7 @@ import torch
 
 from megamix.config import NormConfig
 from megamix.model.llama import rope_tables
-from megamix.schemes import deepnorm_constants, layer_schemes
+from megamix.schemes import attention_norms, deepnorm_constants, layer_schemes, post_ln_layers
 
 # (alpha, layers) → number of Post-LN layers, written out from the papers' statements.
 EXPECTED_POST = {
@@ -29,9 +29,33 @@ def test_mix_alpha_zero_is_pre_and_one_is_post():
     assert layer_schemes(NormConfig(scheme="mix", alpha=1.0), 12) == layer_schemes(NormConfig(scheme="post"), 12)
 
 
-@pytest.mark.parametrize("scheme", ["pre", "post", "lns", "peri", "deepnorm"])
+@pytest.mark.parametrize("scheme", ["pre", "post", "lns", "peri", "deepnorm", "olmo2", "hybrid"])
 def test_uniform_schemes_apply_to_every_layer(scheme):
     assert layer_schemes(NormConfig(scheme=scheme), 12) == [scheme] * 12
+
+
+def test_post_layers_is_the_count_that_alpha_rounds():
+    """The reference's POST_NUM: "8 of 24" is 8, where alpha 0.33 gives ⌊7.92⌋ = 7."""
+    assert layer_schemes(NormConfig(scheme="mix", alpha=0.33), 24).count("post") == 7
+    assert layer_schemes(NormConfig(scheme="mix", post_layers=8), 24) == ["post"] * 8 + ["pre"] * 16
+    assert layer_schemes(NormConfig(scheme="mix", post_layers=0), 4) == ["pre"] * 4
+    assert post_ln_layers(NormConfig(scheme="mix", post_layers=24), 24) == 24
+
+
+def test_hybrid_star_treats_the_first_block_differently():
+    """HybridNorm* (Zhuo et al. 2025, the authors' ``norm_pos_special_config`` for block 0): a
+    Pre-LN first block, HybridNorm blocks after it; q, k and v normalized per head in all of them."""
+    schemes = layer_schemes(NormConfig(scheme="hybrid_star"), 4)
+    assert schemes == ["hybrid_first", "hybrid", "hybrid", "hybrid"]
+    assert {attention_norms(NormConfig(), s) for s in schemes} == {("per_head", "per_head")}
+
+
+def test_attention_norms_come_from_the_scheme_unless_the_config_sets_them():
+    assert attention_norms(NormConfig(), "pre") == ("none", "none")
+    assert attention_norms(NormConfig(), "olmo2") == ("full", "none")  # OLMo 2's QK-norm
+    assert attention_norms(NormConfig(), "hybrid") == ("per_head", "per_head")
+    assert attention_norms(NormConfig(qk_norm="per_head"), "pre") == ("per_head", "none")  # Qwen3
+    assert attention_norms(NormConfig(qk_norm="none", v_norm="full"), "olmo2") == ("none", "full")
 
 
 def test_explicit_layers_override_the_scheme():

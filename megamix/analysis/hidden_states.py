@@ -2,8 +2,8 @@
 
 The layer-effectiveness metrics need two things ``Transformer.forward`` does not offer: the
 residual stream after every block, and the logits of the model with some blocks removed.  Both
-come from the same plain loop over the model's own modules (embedding → blocks → final norm →
-head), so the analysis never needs a change to the model and never re-implements a block.
+come from the same plain loop over the model's own modules (embedding and its norm → blocks →
+final norm → head), so the analysis never needs a change to the model and never re-implements a block.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ def residual_stream(model: nn.Module, tokens: torch.Tensor, skip: Collection[int
     1/√(ℓ+1) and DeepNorm's constants do not shift).  A generator, so a caller that only wants the
     end does not hold every state of a deep model at once.
     """
-    h = model.embed_tokens(tokens)
-    residual, pending = h.to(torch.promote_types(h.dtype, model.stream_dtype)), None
-    seq = h.shape[1]
+    residual, pending = model.embed(tokens), None
+    seq = residual.shape[1]
     cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
     yield residual
     for index, block in model.layers.items():

@@ -17,13 +17,23 @@ import re
 
 from megamix.config import ModelConfig, NormConfig
 from megamix.errors import MegamixError
-from megamix.schemes import SCHEMES, SLOTS, SUBLAYERS, Scheme, layer_schemes, norm_attribute
+from megamix.schemes import (
+    ATTENTION_NORMS,
+    SCHEMES,
+    SLOTS,
+    SUBLAYERS,
+    Scheme,
+    attention_norms,
+    layer_schemes,
+    norm_attribute,
+)
 
 
 class HFFormatError(MegamixError, ValueError):
     """A Hugging Face ``config.json`` describes a model megamix cannot represent."""
 
-_TOP_LEVEL = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+_TOP_LEVEL = {"embed_tokens": "model.embed_tokens", "embed_norm": "model.embed_norm", "norm": "model.norm",
+              "lm_head": "lm_head"}
 _SUBLAYER_MODULES = {"attention": "self_attn", "mlp": "mlp"}
 _OURS = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
 _THEIRS = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$")
@@ -71,8 +81,9 @@ def from_hf_name(name: str, schemes: list[str]) -> str:
 
 def layer_norm_rows(norm: NormConfig, num_layers: int) -> list[dict]:
     """Each layer's norms as data for ``modeling_megamix.py``: per sublayer the Hugging Face name
-    of its norm in each slot (``before``, ``output``, ``after``; None where it has none), the scale
-    on the ``before`` norm's output and the weight of x in the residual add."""
+    of its norm in each slot (``before``, ``output``, ``after``; None where it has none), the norms
+    on q and k and on v (``none``, ``full``, ``per_head``), the scale on the ``before`` norm's output
+    and the weight of x in the residual add."""
     rows = []
     for index, scheme in enumerate(layer_schemes(norm, num_layers)):
         row = SCHEMES[scheme]
@@ -80,6 +91,7 @@ def layer_norm_rows(norm: NormConfig, num_layers: int) -> list[dict]:
         for sublayer in SUBLAYERS:
             present = row.norms(sublayer).slots()
             entry[sublayer] = {slot: row.hf_name(sublayer, slot) if slot in present else None for slot in SLOTS}
+        entry["qk_norm"], entry["v_norm"] = attention_norms(norm, scheme)
         entry["input_scale"] = row.input_scale(index, num_layers, norm)
         entry["residual_weight"] = row.residual_weight(index, num_layers, norm)
         rows.append(entry)
@@ -87,8 +99,11 @@ def layer_norm_rows(norm: NormConfig, num_layers: int) -> list[dict]:
 
 
 def is_stock_llama(norm: NormConfig, num_layers: int) -> bool:
-    """Every layer plain Pre-LN with RMSNorm: transformers' own LlamaForCausalLM is this model."""
-    return norm.type == "rmsnorm" and all(scheme == Scheme.PRE.value for scheme in layer_schemes(norm, num_layers))
+    """Every layer plain Pre-LN with RMSNorm, no norms in attention, none on the embedding:
+    transformers' own LlamaForCausalLM is this model."""
+    schemes = layer_schemes(norm, num_layers)
+    return (norm.type == "rmsnorm" and not norm.embedding_norm and all(scheme == Scheme.PRE.value for scheme in schemes)
+            and all(attention_norms(norm, scheme) == ("none", "none") for scheme in schemes))
 
 
 def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
@@ -120,6 +135,7 @@ def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
             layer_schemes=layer_schemes(norm, model.num_layers),
             layer_norms=layer_norm_rows(norm, model.num_layers),
             norm_type=norm.type,
+            embedding_norm=norm.embedding_norm,
         )
     return fields
 
@@ -170,9 +186,9 @@ def config_from_hf(fields: dict) -> dict:
 
 
 def megamix_norm_config(fields: dict) -> dict:
-    """The ``norm`` section of a megamix export's ``config.json``: its per-layer schemes and the
+    """The ``norm`` section of a megamix export's ``config.json``: its per-layer schemes, the
     residual weight of its DeepNorm layers (exports before the per-layer rows wrote
-    ``layer_placements`` and ``deepnorm_alpha``)."""
+    ``layer_placements`` and ``deepnorm_alpha``), the norms in attention and on the embedding."""
     schemes = fields.get("layer_schemes") or fields.get("layer_placements")
     if not isinstance(schemes, list) or len(schemes) != fields.get("num_hidden_layers"):
         raise HFFormatError("a megamix config.json needs layer_schemes, one per layer")
@@ -186,4 +202,18 @@ def megamix_norm_config(fields: dict) -> dict:
         weights = {fields["deepnorm_alpha"]}
     if len(weights) == 1:
         norm["deepnorm_alpha"] = float(weights.pop())
+    if fields.get("embedding_norm"):
+        norm["embedding_norm"] = True
+    rows = fields.get("layer_norms") or [{} for _ in schemes]
+    for key in ("qk_norm", "v_norm"):
+        forms = [row.get(key, "none") for row in rows]
+        unknown = sorted(set(forms) - set(ATTENTION_NORMS))
+        if unknown:
+            raise HFFormatError(f"layer_norms: {key} {unknown} is unknown to this megamix (known: {ATTENTION_NORMS})")
+        defaults = [getattr(SCHEMES[scheme], key) for scheme in schemes]
+        if forms != defaults:  # the config set one form for every layer
+            if len(set(forms)) != 1:
+                raise HFFormatError(f"layer_norms: the {key} of each layer ({forms}) is neither its scheme's "
+                                    "nor one form for every layer")
+            norm[key] = forms[0]
     return norm

@@ -11,6 +11,7 @@ where the norms sit changes, and that is data: ``config.layer_norms`` holds one 
     {"scheme": "post",
      "attention": {"before": null, "output": null, "after": "post_attention_layernorm"},
      "mlp":       {"before": null, "output": null, "after": "post_feedforward_layernorm"},
+     "qk_norm": "none", "v_norm": "none",
      "input_scale": 1.0, "residual_weight": 1.0}
 
 naming the norm (a submodule of the layer, and its weight's name) in each slot of each sublayer F:
@@ -20,10 +21,18 @@ naming the norm (a submodule of the layer, and its weight's name) in each slot o
     x = after(residual_weight * x + h)  if an "after" norm, else x + h
 
 so Pre-LN is ``x + F(N(x))``, Post-LN ``N(x + F(x))``, LayerNorm Scaling scales the input norm by
-1/√(ℓ+1), Peri-LN normalizes F's output too, DeepNorm weighs x by a = (2L)^¼.  ``config.norm_type``
-is ``rmsnorm`` or ``layernorm`` (with bias), ``config.rms_norm_eps`` the epsilon of every norm; a
-final norm precedes the LM head.  Pre-LN and Post-LN layers use the Mix-LN reference code's
-weight names, so its checkpoints and these exports are interchangeable.
+1/√(ℓ+1), Peri-LN normalizes F's output too, DeepNorm weighs x by a = (2L)^¼.  ``qk_norm`` and
+``v_norm`` (``none``, ``full``, ``per_head``; absent means none) normalize the attention's q and k,
+or v, before RoPE (``self_attn.q_norm``, ``k_norm``, ``v_norm``): over the whole projection, or over
+each head's ``head_dim`` features with one weight shared by the heads.  They are applied to the
+projections' outputs by forward hooks, so attention itself, its KV cache and generation stay
+transformers' own.
+
+``config.norm_type`` is ``rmsnorm``, ``layernorm`` (with bias) or ``dyt`` (``weight ⊙ tanh(alpha ·
+x) + bias``, alpha a learned scalar), ``config.rms_norm_eps`` the epsilon of every norm;
+``config.embedding_norm`` puts a norm (``model.embed_norm``) on the embedding's output, and a final
+norm precedes the LM head.  Pre-LN and Post-LN layers use the Mix-LN reference code's weight names,
+so its checkpoints and these exports are interchangeable.
 """
 
 from __future__ import annotations
@@ -35,9 +44,10 @@ from torch import nn
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaRMSNorm
 
-NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_TYPES = ("rmsnorm", "layernorm", "dyt")
 SUBLAYERS = ("attention", "mlp")
 SLOTS = ("before", "output", "after")
+ATTENTION_NORMS = ("none", "full", "per_head")
 PRE_LN_ROW = {
     "scheme": "pre",
     "attention": {"before": "input_layernorm", "output": None, "after": None},
@@ -55,6 +65,7 @@ class MegamixConfig(LlamaConfig):
     layer_norms: list[dict] | None = None  # None: every layer Pre-LN
     layer_schemes: list[str] | None = None  # the rows' scheme names, for people reading config.json
     norm_type: str = "rmsnorm"
+    embedding_norm: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -66,14 +77,47 @@ class MegamixConfig(LlamaConfig):
             for sublayer in SUBLAYERS:
                 if set(row.get(sublayer, {})) != set(SLOTS):
                     raise ValueError(f"layer_norms[{index}].{sublayer} must name the slots {SLOTS}")
+            for key in ("qk_norm", "v_norm"):
+                if row.get(key, "none") not in ATTENTION_NORMS:
+                    raise ValueError(f"layer_norms[{index}].{key} must be one of {ATTENTION_NORMS}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}; got {self.norm_type!r}")
 
 
-def make_norm(config: MegamixConfig) -> nn.Module:
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025): ``weight ⊙ tanh(alpha · x) + bias``, alpha a learned scalar."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), 0.5))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = torch.tanh(self.alpha.float() * x.float()) * self.weight.float() + self.bias.float()
+        return y.to(dtype)
+
+
+def make_norm(config: MegamixConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
     if config.norm_type == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-    return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        return nn.LayerNorm(dim, eps=config.rms_norm_eps)
+    if config.norm_type == "dyt":
+        return DyT(dim)
+    return LlamaRMSNorm(dim, eps=config.rms_norm_eps)
+
+
+def normalize_projection(norm: nn.Module, form: str, head_dim: int):
+    """A forward hook that normalizes a q, k or v projection's output: over all of it (``full``),
+    or over each head's ``head_dim`` features (``per_head``)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if form == "full":
+            return norm(output)
+        return norm(output.unflatten(-1, (-1, head_dim))).flatten(-2)
+
+    return hook
 
 
 class MegamixDecoderLayer(LlamaDecoderLayer):
@@ -90,6 +134,14 @@ class MegamixDecoderLayer(LlamaDecoderLayer):
                     setattr(self, name, make_norm(config))
         self.input_scale = float(row["input_scale"])
         self.residual_weight = float(row["residual_weight"])
+        attn = self.self_attn
+        forms = {"q": row.get("qk_norm", "none"), "k": row.get("qk_norm", "none"), "v": row.get("v_norm", "none")}
+        for name, form in forms.items():
+            if form != "none":
+                projection = getattr(attn, f"{name}_proj")
+                norm = make_norm(config, projection.out_features if form == "full" else attn.head_dim)
+                setattr(attn, f"{name}_norm", norm)
+                projection.register_forward_hook(normalize_projection(norm, form, attn.head_dim))
 
     def forward(
         self,
@@ -134,8 +186,19 @@ class MegamixModel(LlamaModel):
     def __init__(self, config: MegamixConfig):
         super().__init__(config)
         self.layers = nn.ModuleList(MegamixDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_norm = make_norm(config) if config.embedding_norm else None
         self.norm = make_norm(config)
         self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs):
+        """Llama's forward; with an embedding norm the embeddings (given or looked up) are normalized
+        first: y0 = N(E[x])."""
+        if self.embed_norm is not None:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds, input_ids = self.embed_norm(inputs_embeds), None
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
 
 class MegamixForCausalLM(LlamaForCausalLM):

@@ -1,12 +1,13 @@
 """A LLaMA whose blocks choose their norm placement layer by layer.
 
-Read it top to bottom: rotary embeddings, attention (GQA through ``scaled_dot_product_attention``),
-the SwiGLU MLP, the block — one class that reads where its norms go from its layer scheme's row in
-:data:`megamix.schemes.SCHEMES` — and the model.  Nothing here knows about
-parallelism: tensor, pipeline and data parallelism are applied to this model from outside by
-``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
-``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding,
-final norm and head may be ``None`` on stages that do not hold them.)
+Read it top to bottom: rotary embeddings, attention (GQA through ``scaled_dot_product_attention``,
+with optional norms on q, k and v), the SwiGLU MLP, the block — one class that reads where its
+norms go from its layer scheme's row in :data:`megamix.schemes.SCHEMES` — and the model.  Nothing
+here knows about parallelism: tensor, pipeline and data parallelism are applied to this model from
+outside by ``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
+``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding, its
+norm, the final norm and the head may be ``None`` on stages that do not hold them.  One to tensor
+parallelism: a norm on q, k or v may be handed a ``split`` saying how its features are divided.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from megamix.config import ModelConfig, NormConfig
 from megamix.model.norms import Norm
-from megamix.schemes import SCHEMES, SLOTS, deepnorm_constants, layer_schemes, norm_attribute
+from megamix.schemes import SCHEMES, SLOTS, attention_norms, deepnorm_constants, layer_schemes, norm_attribute
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Causal self-attention.  ``qk_norm`` and ``v_norm`` (``none``, ``full``, ``per_head``) put a
+    norm on q and k, or on v, before RoPE: ``full`` over the whole projection (OLMo 2), ``per_head``
+    over each head's features with one weight shared by the heads (Qwen3, Gemma 3, HybridNorm)."""
+
+    def __init__(self, cfg: ModelConfig, qk_norm: str = "none", v_norm: str = "none", norm_type: str = "rmsnorm",
+                 dyt_alpha: float = 0.5):
         super().__init__()
         self.head_dim = cfg.head_dim
         kv_dim = cfg.kv_heads * cfg.head_dim
@@ -47,16 +53,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.forms = {"q_norm": qk_norm, "k_norm": qk_norm, "v_norm": v_norm}
+        for name, width in (("q_norm", cfg.hidden_size), ("k_norm", kv_dim), ("v_norm", kv_dim)):
+            if self.forms[name] != "none":
+                dim = width if self.forms[name] == "full" else cfg.head_dim
+                setattr(self, name, Norm(dim, norm_type, cfg.norm_eps, alpha=dyt_alpha))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.heads(self.q_proj(x), "q_norm")
+        k = self.heads(self.k_proj(x), "k_norm")
+        v = self.heads(self.v_proj(x), "v_norm")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def heads(self, t: torch.Tensor, norm: str) -> torch.Tensor:
+        """A projection ``[batch, seq, heads·head_dim]`` → ``[batch, heads, seq, head_dim]``, with its
+        norm (if any) over the whole projection or over each head.  Heads are -1: under tensor
+        parallelism each rank holds only its share of them."""
+        form = self.forms[norm]
+        if form == "full":
+            t = getattr(self, norm)(t)
+        t = t.unflatten(-1, (-1, self.head_dim))
+        if form == "per_head":
+            t = getattr(self, norm)(t)
+        return t.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -96,12 +117,15 @@ class Block(nn.Module):
         row = SCHEMES[scheme]
         input_scale = row.input_scale(layer_index, cfg.num_layers, norm)
         self.residual_weight = row.residual_weight(layer_index, cfg.num_layers, norm)
+        qk_norm, v_norm = attention_norms(norm, scheme)
+        attention = Attention(cfg, qk_norm, v_norm, norm.type, dyt_alpha=norm.dyt_alpha_attention)
         self.norm_names: dict[str, tuple[str | None, ...]] = {}
-        for sublayer, module in (("attention", Attention(cfg)), ("mlp", MLP(cfg))):
+        for sublayer, module in (("attention", attention), ("mlp", MLP(cfg))):
             names = {slot: norm_attribute(row, sublayer, slot) for slot in row.norms(sublayer).slots()}
+            alpha = norm.dyt_alpha_attention if sublayer == "attention" else norm.dyt_alpha_other
             for slot, name in names.items():
                 scale = input_scale if slot == "before" else 1.0
-                setattr(self, name, Norm(cfg.hidden_size, norm.type, cfg.norm_eps, scale))
+                setattr(self, name, Norm(cfg.hidden_size, norm.type, cfg.norm_eps, scale, alpha))
             setattr(self, sublayer, module)
             self.norm_names[sublayer] = tuple(names.get(slot) for slot in SLOTS)
 
@@ -133,7 +157,8 @@ class Block(nn.Module):
         return residual if pending is None else residual + pending
 
     def norms(self) -> list[Norm]:
-        return [m for m in self.children() if isinstance(m, Norm)]
+        """Every norm of the block, those on q, k and v included."""
+        return [m for m in self.modules() if isinstance(m, Norm)]
 
 
 class Transformer(nn.Module):
@@ -142,10 +167,13 @@ class Transformer(nn.Module):
         self.cfg, self.norm_cfg = cfg, norm
         self.schemes = layer_schemes(norm, cfg.num_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Peri-LN's y0 = N(E[x]); on the first pipeline stage, with the embedding.
+        self.embed_norm = (Norm(cfg.hidden_size, norm.type, cfg.norm_eps, alpha=norm.dyt_alpha_other)
+                           if norm.embedding_norm else None)
         self.layers = nn.ModuleDict(
             {str(i): Block(cfg, norm, i, scheme) for i, scheme in enumerate(self.schemes)}
         )
-        self.norm = Norm(cfg.hidden_size, norm.type, cfg.norm_eps)
+        self.norm = Norm(cfg.hidden_size, norm.type, cfg.norm_eps, alpha=norm.dyt_alpha_other)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -162,7 +190,7 @@ class Transformer(nn.Module):
         head the output is the residual stream.  The stream is kept in ``stream_dtype`` (fp32
         under mixed precision too, whatever the scheme), the sublayers compute in autocast's dtype.
         """
-        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        x = self.embed(tokens) if self.embed_tokens is not None else tokens
         residual, pending = x.to(torch.promote_types(x.dtype, self.stream_dtype)), None
         seq = x.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
@@ -172,6 +200,13 @@ class Transformer(nn.Module):
             return Block.stream(residual, pending)
         h, _ = self.norm.add_norm(pending, residual)
         return self.lm_head(h) if self.lm_head is not None else h
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer 0: the embedding (normalized with
+        ``norm.embedding_norm``), in ``stream_dtype`` at least."""
+        x = self.embed_tokens(tokens)
+        x = x.to(torch.promote_types(x.dtype, self.stream_dtype))
+        return self.embed_norm(x) if self.embed_norm is not None else x
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -184,8 +219,9 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed_tokens.weight, std=cfg.embed_init_std or cfg.init_std)
         if self.lm_head is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
+        for norm in (self.embed_norm, self.norm):
+            if norm is not None:
+                norm.reset_parameters()
         for block in self.layers.values():
             INIT_RULES[SCHEMES[block.scheme].init](block, cfg, self.norm_cfg)
             for norm in block.norms():

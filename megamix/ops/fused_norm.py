@@ -5,6 +5,11 @@ stream) and ``y = (N(s) * weight + bias) * scale``, N being RMSNorm or LayerNorm
 fp32 (fp64 for fp64 inputs).  Post-LN and DeepNorm use it as ``N(x + F(x))``; Pre-LN, LayerNorm
 Scaling (``scale = 1/√(ℓ+1)``) and Peri-LN call :func:`norm`.
 
+DyT (``norm.type: dyt``) is no normalization: :func:`add_dyt` is the add followed by the
+elementwise γ·tanh(α·s) + β, in plain torch (torch.compile fuses it); and a norm whose features are
+split over tensor-parallel ranks (QK-norm over a column-sharded projection) takes its statistics
+from every rank through :func:`norm_split_features`.
+
 Two implementations of the same math:
 
 - the PyTorch reference path (:func:`add_norm_reference`): plain differentiable torch, used for CPU
@@ -128,6 +133,44 @@ def add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     if residual is None:
         s = x.to(stream_dtype(x, None, residual_in_fp32))
     return y, s
+
+
+def add_dyt(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+            alpha: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((weight ⊙ tanh(alpha · s) + bias) * scale, s)`` with ``s = x + residual``: DyT behind the
+    interface of :func:`fused_add_norm` (the same dtypes: ``s`` the wider one, ``y`` ``x``'s or
+    ``out_dtype``; computed in fp32, fp64 for fp64 tensors)."""
+    dtype = stream_dtype(x, residual, False)
+    s = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+    acc = _acc_dtype(s.dtype)
+    y = torch.tanh(alpha.to(acc) * s.to(acc)) * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    if scale != 1.0:
+        y = y * scale
+    return y.to(out_dtype or x.dtype), s
+
+
+def norm_split_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
+                        features: int, reduce_sum) -> torch.Tensor:
+    """RMSNorm or LayerNorm of rows whose ``features`` columns are split over ranks: ``x`` holds this
+    rank's columns, ``weight``/``bias`` their shards, ``reduce_sum`` sums a tensor over the ranks
+    (differentiably).  The same statistics as one process: Σx² (and Σx, then Σ(x − mean)²) over all
+    columns.  The output has ``x``'s dtype."""
+    acc = _acc_dtype(x.dtype)
+    v = x.to(acc)
+    if kind == "rms":
+        n = v * torch.rsqrt(reduce_sum(v.pow(2).sum(-1, keepdim=True)) / features + eps)
+    elif kind == "layer":
+        centered = v - reduce_sum(v.sum(-1, keepdim=True)) / features
+        n = centered * torch.rsqrt(reduce_sum(centered.pow(2).sum(-1, keepdim=True)) / features + eps)
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}; expected one of {KINDS}")
+    y = n * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
 
 
 # --- dispatch ---------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ ordinary tensors.  With ``sequence_parallel`` the residual stream between the li
 the sequence: each rank normalizes its own tokens, attention and the MLP gather the sequence on
 entry, and the norm weights' gradients, partial sums over each rank's tokens, are all-reduced by
 :func:`reduce_sequence_parallel_grads`.
+
+The norms inside attention (QK-norm, V-norm) see column-sharded projections: each rank holds its
+heads.  A norm over each head (``per_head``) needs nothing in the forward; one over the whole
+projection (``full``, OLMo 2) has its weight sharded like the columns and sums its statistics over
+the tensor-parallel ranks (:func:`shard_attention_norms`).  Their replicated parameters (a per-head
+norm's weight, DyT's α) get gradients from this rank's heads only: added up over the ranks in the
+backward, or, under sequence parallelism, by :func:`reduce_sequence_parallel_grads` with the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -56,11 +63,81 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
             "mlp.down_proj": RowwiseParallel(output_layouts=stream),
         }
         parallelize_module(block, tp_mesh, plan)
+        shard_attention_norms(block.attention, tp_mesh, sequence_parallel)
         if sequence_parallel:
             block.attention.register_forward_pre_hook(_full_sequence_rope(model))
     if model.lm_head is not None:
         head = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
         parallelize_module(model.lm_head, tp_mesh, head)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) in the forward; the gradient, which each rank has only for its own use of
+    the sum, is all-reduced in the backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity in the forward, all-reduce of the gradient in the backward (Megatron's "copy to the
+    tensor-parallel region"): a replicated parameter applied to this rank's share of the features."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ColumnSplit:
+    """A norm's features split over the tensor-parallel ranks like a column-sharded projection's
+    (:class:`megamix.model.norms.FeatureSplit`)."""
+
+    def __init__(self, group: dist.ProcessGroup, stats_span_ranks: bool, sum_replicated_grads: bool):
+        self.group = group
+        self.stats_span_ranks = stats_span_ranks  # a norm over the whole projection
+        self.sum_replicated_grads = sum_replicated_grads  # else reduce_sequence_parallel_grads does it
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        if isinstance(param, DTensor):  # sharded like the columns: this rank's shard, its gradient complete
+            return param.to_local()
+        return _SumGradOverRanks.apply(param, self.group) if self.sum_replicated_grads else param
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return _SumOverRanks.apply(t, self.group)
+
+
+def shard_attention_norms(attention: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """The norms on q, k and v of a tensor-parallel attention: a ``full`` norm's weight and bias are
+    split like the projection's columns (``Shard(0)``) and its statistics summed over the ranks; a
+    ``per_head`` norm (heads are split evenly) stays replicated and local."""
+    for name, form in attention.forms.items():
+        if form == "none":
+            continue
+        norm = getattr(attention, name)
+        if form == "full":
+            for pname in ("weight", "bias"):
+                param = getattr(norm, pname)
+                if param is not None:
+                    norm.register_parameter(pname, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(0)])))
+        norm.split = ColumnSplit(tp_mesh.get_group(), stats_span_ranks=form == "full",
+                                 sum_replicated_grads=not sequence_parallel)
 
 
 def _full_sequence_rope(model: Transformer):
