@@ -86,17 +86,18 @@ def test_plan_counts_bf16_pure_states_at_two_bytes():
     assert b["weights"] < a["weights"]
 
 
-def test_fsdp2_bf16_pure_matches_one_process(tmp_path):
-    """Two ranks, ZeRO-3 and ZeRO-2: bf16 shards (no fp32 master), bf16 gradients and Adam states, a
-    bf16 stream, and the single-process bf16_pure losses and gradient norms to a loose tolerance
-    (both round to bf16 at every step, in a different order: gradients are accumulated per rank and
-    reduced in fp32 across ranks)."""
+def test_fsdp2_tp_and_pp_bf16_pure_match_one_process(tmp_path):
+    """Two ranks under FSDP2 ZeRO-3, tensor parallelism and a pipeline: bf16 parameters on every rank
+    (no fp32 master), bf16 gradients and Adam states, a bf16 stream (across stages too), and the
+    single-process bf16_pure losses and gradient norms to a loose tolerance (bf16 rounding in a
+    different order: FSDP2 reduces gradients in fp32 across ranks).  Measured: about 1e-5."""
     write_corpus(tmp_path / "corpus")
     base = TINY + [f"data.path={tmp_path / 'corpus'}", "train.micro_batch_size=2", "train.precision=bf16_pure",
                    "norm.scheme=mix", "norm.alpha=0.5", "train.eval_interval=0"]
     steps = 4
-    cases = [{"name": f"zero{z}", "overrides": base + [f"parallel.zero={z}", f"train.output_dir={tmp_path / str(z)}"],
-              "steps": steps, "dtypes": True} for z in (3, 2)]
+    layouts = {"dp2_zero3": ["parallel.zero=3"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+    cases = [{"name": name, "overrides": base + layout + [f"train.output_dir={tmp_path / name}"], "steps": steps,
+              "dtypes": True} for name, layout in layouts.items()]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "out").mkdir()
     torchrun(2, ROOT / "tests/dist/run_cases.py", tmp_path / "cases.json", tmp_path / "out")
@@ -107,5 +108,5 @@ def test_fsdp2_bf16_pure_matches_one_process(tmp_path):
         assert got["dtypes"] == {"params": ["torch.bfloat16"], "grads": ["torch.bfloat16"],
                                  "stream": ["torch.bfloat16"], "adam": ["torch.bfloat16"]}, case["name"]
         for ref, rec in zip(expected, got["records"], strict=True):
-            assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-2), (case["name"], rec["step"])
-            assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=5e-2), (case["name"], rec["step"])
+            assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-3), (case["name"], rec["step"])
+            assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-2), (case["name"], rec["step"])
