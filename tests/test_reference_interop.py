@@ -132,17 +132,23 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
-def save_reference_checkpoint(model, directory: Path, fields: dict, shards: int = 1, fmt: str = "bin") -> Path:
+def save_reference_checkpoint(model, directory: Path, fields: dict, shards: int = 1, fmt: str = "bin",
+                              alpha_t: bool = False) -> Path:
     """What the reference's final ``save_pretrained`` wrote under transformers 4.31: ``config.json``
     and the bf16 state dict, the persistent rotary ``inv_freq`` buffer of every layer included, as
     ``pytorch_model.bin`` (or ``pytorch_model-0000k-of-0000n.bin`` shards and
-    ``pytorch_model.bin.index.json``); ``fmt="safetensors"`` for the newer transformers' format."""
+    ``pytorch_model.bin.index.json``); ``fmt="safetensors"`` for the newer transformers' format.
+    ``alpha_t``: also the non-trainable ``alpha_t`` vector MixLN-Next's Pre-LN layers carry (its
+    ``cod`` type's scales, 1/sqrt(l) with ``layer_scale=true``), which their forward never reads."""
     directory.mkdir(parents=True)
     state = {name: t.detach().to(torch.bfloat16).clone() for name, t in model.state_dict().items()}
     head_dim = fields["hidden_size"] // fields["num_attention_heads"]
     for index in range(fields["num_hidden_layers"]):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
         state[f"model.layers.{index}.self_attn.rotary_emb.inv_freq"] = inv_freq.to(torch.bfloat16)
+        if alpha_t:
+            layers = fields["num_hidden_layers"]
+            state[f"model.layers.{index}.alpha_t"] = (1 / torch.arange(1, layers + 1).sqrt()).to(torch.bfloat16)
     (directory / "config.json").write_text(json.dumps(fields, indent=2))
     stem, suffix = ("pytorch_model", ".bin") if fmt == "bin" else ("model", ".safetensors")
     names = list(state)
@@ -182,6 +188,7 @@ def bf16_rounded(model):
 # Reference checkpoint → megamix.
 
 CHECKPOINTS = {  # name: (NORM_TYPE, POST_NUM, shards, format, the megamix layers it must give)
+    "pre_mixln_next_bin": ("pre", None, 1, "bin", ["pre"] * 4),  # with MixLN-Next's unused alpha_t
     "post_pre_bin": ("post_pre", 2, 1, "bin", ["post", "post", "pre", "pre"]),
     "post_pre_sharded_bin": ("post_pre", 1, 3, "bin", ["post", "pre", "pre", "pre"]),
     "post_pre_safetensors": ("post_pre", 3, 2, "safetensors", ["post", "post", "post", "pre"]),
@@ -196,7 +203,8 @@ def test_reference_checkpoint_imports_with_its_logits(tmp_path, name):
     fields = config_431()
     reference = reference_model(fields, norm_type, post_num or 1)
     randomize(reference)
-    source = save_reference_checkpoint(reference, tmp_path / "ref", fields, shards, fmt)
+    source = save_reference_checkpoint(reference, tmp_path / "ref", fields, shards, fmt,
+                                       alpha_t=name.endswith("mixln_next_bin"))
     args = ["--hf", str(source), "--output", str(tmp_path / "run"), "--reference-norm-type", norm_type]
     if post_num is not None:
         args += ["--reference-post-num", str(post_num)]
