@@ -92,9 +92,9 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 (non-zip) format
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise UnsafeWeightsError(f"{path}: refused to unpickle: it holds more than tensors ({detail}); "
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(e).__name__)
+        raise UnsafeWeightsError(f"{path}: refused to unpickle: it holds more than tensors ({detail.rstrip('.')}); "
                                  "weights are read with torch.load(weights_only=True)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise HFImportError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from None
