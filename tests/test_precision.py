@@ -86,6 +86,7 @@ def test_plan_counts_bf16_pure_states_at_two_bytes():
     assert b["weights"] < a["weights"]
 
 
+@pytest.mark.dist
 def test_fsdp2_tp_and_pp_bf16_pure_match_one_process(tmp_path):
     """Two ranks under FSDP2 ZeRO-3, tensor parallelism and a pipeline: bf16 parameters on every rank
     (no fp32 master), bf16 gradients and Adam states, a bf16 stream (across stages too), and the
