@@ -38,7 +38,7 @@ from megamix.errors import MegamixError
 from megamix.hf.adapter import config_from_hf, from_hf_name, hf_config, is_stock_llama
 from megamix.hf.reference import reference_norm_config, reference_type
 from megamix.model import Transformer
-from megamix.schemes import layer_schemes
+from megamix.schemes import describe_schemes, layer_schemes
 from megamix.train.optim import build_optimizer
 
 
@@ -182,7 +182,8 @@ def read_hf_model(hf_dir: str | os.PathLike, overrides: list[str] | tuple = (),
                 if reference is None and any(f".{n}." in hf_name for n in _POST_LN_NAMES):
                     hint = (" (a checkpoint of the Mix-LN reference code? give its placement: "
                             "--reference-norm-type NORM_TYPE [--reference-post-num POST_NUM])")
-                raise HFImportError(f"{hf_dir}: {hf_name} has no place in the model its config.json describes{hint}")
+                raise HFImportError(f"{hf_dir}: {hf_name} has no place in the model being imported "
+                                    f"(layers {describe_schemes(schemes)}){hint}")
             expected = tuple(params[name].shape)
             if tuple(tensor.shape) != expected:
                 raise HFImportError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, expected {expected}")
