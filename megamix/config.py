@@ -34,7 +34,7 @@ DEEPSPEED_RESERVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                            "optimizer", "scheduler")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_pure")  # bf16: mixed (fp32 master weights); bf16_pure: the reference's
 NONFINITE = ("stop", "skip")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -574,6 +574,10 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}", f"must not be negative; got {getattr(t, name)}")
     _choice("train.precision", t.precision, PRECISIONS)
+    if t.precision == "bf16_pure" and p.engine == "deepspeed":
+        raise ConfigError("train.precision", "bf16_pure (bf16 weights and Adam states, as the reference code keeps "
+                          "them) runs in one process or with parallel.engine: fsdp2; megamix's DeepSpeed engine "
+                          "keeps fp32 parameters under the trainer's autocast")
     _choice("train.nonfinite", t.nonfinite, NONFINITE)
     if t.nonfinite == "skip" and p.engine == "deepspeed":
         raise ConfigError("train.nonfinite", "DeepSpeed steps inside its engine and cannot skip a step; use stop")

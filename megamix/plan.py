@@ -145,7 +145,7 @@ def _tp_sharded(name: str, model: Transformer) -> bool:
 def activation_bytes(cfg: Config, pp_rank: int, layers_on_rank: int, has_head: bool) -> float:
     """Activations a rank keeps for backward at its peak, per the pipeline schedule."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    dtype_bytes = 2 if t.precision == "bf16" else 4
+    dtype_bytes = 2 if t.precision in ("bf16", "bf16_pure") else 4
     tokens = t.micro_batch_size * cfg.data.seq_len
     kv = m.kv_heads * m.head_dim
     # Saved per token per layer: block input, norm outputs, q/k/v and their rotated copies,
@@ -169,7 +169,8 @@ def activation_bytes(cfg: Config, pp_rank: int, layers_on_rank: int, has_head: b
 def memory_per_rank(cfg: Config, held: int, pp_rank: int, layers_on_rank: int, has_head: bool) -> dict[str, float]:
     """Estimated peak bytes per rank by component (GiB), with FSDP2's semantics.
 
-    fp32 master weights, gradients and Adam's two moments are divided over ``dp`` by ZeRO 2 and 3.
+    fp32 master weights, gradients and Adam's two moments (bf16 ones under ``bf16_pure``) are
+    divided over ``dp`` by ZeRO 2 and 3.
     Compute copies come on top: under ZeRO 2 every block stays gathered from its forward to its
     backward (the whole stage at the end of the forward), under ZeRO 3 only the block running (and
     the next, prefetched); without sharding, bf16 copies are made by autocast for the whole stage.
@@ -178,17 +179,18 @@ def memory_per_rank(cfg: Config, held: int, pp_rank: int, layers_on_rank: int, h
     if p.engine == "deepspeed":
         return deepspeed_memory(cfg, held, layers_on_rank, activation_bytes(cfg, pp_rank, layers_on_rank, has_head))
     dp = p.dp or 1
-    compute_bytes = 2 if t.precision == "bf16" else 4
+    compute_bytes = 2 if t.precision in ("bf16", "bf16_pure") else 4
+    stored = 2 if t.precision == "bf16_pure" else 4  # bf16_pure: bf16 weights, gradients and Adam states
     sharded = p.zero >= 2 and dp > 1
-    master = held * 4 / (dp if sharded else 1)
+    master = held * stored / (dp if sharded else 1)
     if not sharded:
         gathered = held * 2 if t.precision == "bf16" else 0
     elif p.zero == 2:
         gathered = held * compute_bytes
     else:
         gathered = held * compute_bytes * min(1.0, 2 / max(1, layers_on_rank))
-    grads = held * 4 / (dp if sharded else 1)
-    optim = held * 8 / (dp if sharded else 1)
+    grads = held * stored / (dp if sharded else 1)
+    optim = held * 2 * stored / (dp if sharded else 1)
     act = activation_bytes(cfg, pp_rank, layers_on_rank, has_head)
     parts = {"weights": master + gathered, "grads": grads, "optimizer": optim, "activations": act}
     parts["total"] = sum(parts.values())

@@ -319,3 +319,54 @@ def test_norm_study_trains_analyzes_and_compares_each_scheme(tiny_config, tmp_pa
     printed = capsys.readouterr().out
     assert table_row(printed, "pre")[1] == "pre" and table_row(printed, "mix_a0.25")[1] == "mix α=0.25"
     assert printed == (output / "comparison" / "study.md").read_text() + "\n"
+
+
+def test_norm_study_seeds_and_per_scheme_learning_rates(tiny_config, tmp_path, capsys):
+    """``--seeds 2``: two runs per scheme with seeds config+0 and config+1, tabulated as mean ±
+    standard deviation; ``--lr post=5e-4`` sets that scheme's peak (and min, in ratio) learning rate;
+    the table says what the study is; every scheme megamix has is offered."""
+    config_file = tmp_path / "base.yaml"
+    tiny_config("train.steps=2", "train.eval_interval=0", "train.tensorboard=false").save(config_file)
+    study = load_script("benchmarks/norm_study.py")
+    output = tmp_path / "study"
+    assert study.main(["--config", str(config_file), "--schemes", "post", "--seeds", "2", "--lr", "post=5e-4",
+                       "--samples", "2", "--output", str(output)]) == 0
+    configs = [load_config(output / f"post_lr0.0005_s{k}" / "config.yaml") for k in (0, 1)]
+    assert [c.train.seed for c in configs] == [42, 43] and configs[1].data.seed == configs[0].data.seed + 1
+    assert configs[0].train.lr == 5e-4 and configs[0].train.min_lr == pytest.approx(5e-5)
+    printed = capsys.readouterr().out
+    row = table_row(printed, "post_lr0.0005")
+    assert row[1:4] == ["post", "0.0005", "2"] and row[7] == "0 of 2"
+    losses = [json.loads(line)["val_loss"] for k in (0, 1)
+              for line in (output / f"post_lr0.0005_s{k}" / "metrics.jsonl").read_text().splitlines()
+              if "val_loss" in line]
+    mean, spread = (float(x) for x in row[4].split(" ± "))
+    assert mean == pytest.approx(sum(losses) / 2, abs=1e-4)
+    assert spread == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5, abs=1e-4)  # sample sd of two
+    assert "**What this is:**" in printed and "2 seeds" in printed
+    # Every scheme megamix has, by default; the tiny default study calls itself a smoke test.
+    from megamix.schemes import model_schemes
+
+    assert study.parser().parse_args([]).schemes == list(model_schemes())
+    tiny = load_config(study.TINY_CONFIG, study.TINY_STUDY)
+    assert "smoke test of early optimization" in study.what_this_is(tiny, True, 1, 6)
+    assert "one seed" in study.what_this_is(tiny, True, 1, 6)
+    with pytest.raises(SystemExit, match="not a scheme"):
+        study.parse_lrs(["nope=1e-3"], ["pre"])
+    assert study.parse_lrs(["1e-3", "post=3e-4"], ["pre", "post"]) == {"pre": 1e-3, "post": 3e-4}
+
+
+def test_seeds_table_gives_mean_and_spread_and_counts_divergence(tmp_path):
+    from megamix.analysis.compare import seeds_table
+    from megamix.analysis.runs import load_run
+
+    for k, (val, train) in enumerate([(4.0, 4.1), (4.2, 4.3), (math.nan, math.nan)]):
+        write_run(tmp_path / f"post_s{k}", "post", [{"step": 5, "loss": train},
+                                                     {"step": 5, "val_loss": val, "val_ppl": math.exp(val)}])
+    write_run(tmp_path / "pre", "pre", [{"step": 5, "loss": 3.9}, {"step": 5, "val_loss": 3.8, "val_ppl": 44.7}])
+    table = seeds_table({"post": [load_run(tmp_path / f"post_s{k}") for k in range(3)],
+                         "pre": [load_run(tmp_path / "pre")]})
+    post = table_row(table, "post")
+    assert post[1:4] == ["post", "0.001", "3"] and post[7] == "1 of 3"
+    assert post[4] == "4.1000 ± 0.1414" and post[6] == "4.2000 ± 0.1414"  # over the two finite seeds
+    assert table_row(table, "pre")[4] == "3.8000 ± –"

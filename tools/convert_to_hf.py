@@ -48,6 +48,13 @@ def run(args: argparse.Namespace) -> int:
     config = json.loads((out / "config.json").read_text())
     kind = "stock LlamaForCausalLM" if "auto_map" not in config else "MegamixForCausalLM (trust_remote_code=True)"
     print(f"exported {kind} to {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    reference = config.get("reference")
+    if reference:
+        post_num = f" POST_NUM={reference['POST_NUM']}" if reference["POST_NUM"] is not None else ""
+        print(f"in the papers' reference code ({', '.join(reference['code'])}): NORM_TYPE={reference['NORM_TYPE']}"
+              f"{post_num}" + (f" ({reference['note']})" if reference.get("note") else ""))
+    else:
+        print(f"the papers' reference code cannot compute this model: {config.get('reference_note')}")
     if args.tokenizer is None:
         print("note: no --tokenizer, so the export has none (AutoTokenizer will not load it)", file=sys.stderr)
     if args.verify:

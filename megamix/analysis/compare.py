@@ -96,6 +96,36 @@ def summary_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def mean_and_spread(values: list[float], fmt: str) -> str:
+    """``mean ± sd`` over seeds (the sample standard deviation; ``± –`` for a single seed), of the
+    finite values only."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "– (diverged)"
+    spread = f"{statistics.stdev(finite):{fmt}}" if len(finite) > 1 else "–"
+    return f"{statistics.fmean(finite):{fmt}} ± {spread}"
+
+
+def seeds_table(groups: dict[str, list[Run]]) -> str:
+    """One row per configuration (e.g. a scheme at a learning rate), over its seeds: the final
+    validation loss and perplexity and the last training loss as mean ± standard deviation, and
+    how many seeds diverged (a non-finite final loss; those are left out of the means)."""
+    lines = ["| run | scheme | lr | seeds | val loss | val ppl | train loss | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        finals = [run.final_eval for run in runs]
+        diverged = sum(not (math.isfinite(f["val_loss"]) and math.isfinite(r.final_train_loss))
+                       for f, r in zip(finals, runs))
+        lrs = sorted({run.config.train.lr for run in runs})
+        lines.append(
+            f"| {name} | {runs[0].scheme} | {', '.join(f'{lr:g}' for lr in lrs)} | {len(runs)} "
+            f"| {mean_and_spread([f['val_loss'] for f in finals], '.4f')} "
+            f"| {mean_and_spread([f['val_ppl'] for f in finals], '.2f')} "
+            f"| {mean_and_spread([r.final_train_loss for r in runs], '.4f')} | {diverged} of {len(runs)} |"
+        )
+    return "\n".join(lines)
+
+
 def per_layer_table(runs: list[Run], profile: Callable[[Run], list[float] | None], fmt: str) -> str | None:
     """Rows = runs, columns = layers; None when no run has this profile."""
     rows = [(run, profile(run)) for run in runs]

@@ -4,7 +4,10 @@ The export holds ``config.json``, ``generation_config.json``, safetensors weight
 index above ``max_shard_size``) and, given one, the tokenizer.  A model whose layers are all
 Pre-LN with RMSNorm is exported as stock ``LlamaForCausalLM``; any other placement ships
 ``modeling_megamix.py`` beside the weights (``trust_remote_code=True``) and its own
-``model_type``, so transformers cannot silently load it as a plain Llama.
+``model_type``, so transformers cannot silently load it as a plain Llama.  ``config.json``'s
+``"reference"`` gives the ``NORM_TYPE``/``POST_NUM`` under which the papers' reference code computes
+the same model from these weights (``megamix.hf.reference``), or is null with a
+``"reference_note"`` saying why none does.
 
 Memory: DCP reads only the tensors asked for, so the exporter asks for one module at a time (the
 embedding, one block, the final norm, the head) and writes each tensor straight to its place in a
@@ -29,6 +32,7 @@ from megamix.checkpoint.weights import WeightReader
 from megamix.config import Config
 from megamix.errors import MegamixError
 from megamix.hf.adapter import hf_config, is_stock_llama, to_hf_name
+from megamix.hf.reference import reference_fields
 from megamix.hf.tokenizer import SpecialTokens, save_tokenizer
 from megamix.schemes import layer_schemes
 
@@ -205,6 +209,7 @@ def write_configs(directory: Path, cfg: Config, dtype: torch.dtype, special: Spe
     tokens = {"bos_token_id": special.bos_id, "eos_token_id": special.eos_id, "pad_token_id": special.pad_id}
     tokens = {k: v for k, v in tokens.items() if v is not None}
     fields.update(tokens, dtype=str(dtype).removeprefix("torch."), use_cache=True)
+    fields.update(reference_fields(cfg.model, cfg.norm))  # the reference code's NORM_TYPE/POST_NUM for it
     if not is_stock_llama(cfg.norm, cfg.model.num_layers):
         fields["auto_map"] = _AUTO_MAP
         shutil.copyfile(MODELING_FILE, directory / MODELING_FILE.name)

@@ -177,7 +177,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.stream_dtype = torch.float32  # the residual stream's dtype (at least), under mixed precision too
+        self.stream_dtype = torch.float32  # the stream's dtype (at least), fp32 under mixed precision; bf16_pure: bf16
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

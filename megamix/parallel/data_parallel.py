@@ -9,7 +9,9 @@
   ``replicate``, so all stages share one engine and one checkpoint format).
 
 Under ``bf16`` the gathered parameters are cast to bf16 for compute while the sharded fp32
-parameters stay the master copy that the optimizer updates; gradients are reduced in fp32.
+parameters stay the master copy that the optimizer updates; gradients are reduced in fp32.  Under
+``bf16_pure`` the parameters themselves are bf16 (``megamix.parallel.precision``): gathered as they
+are, no fp32 master copy; gradients are reduced in fp32 and stored in bf16.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     if precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
+    if precision == "bf16_pure":  # the parameters are bf16 already: no compute copy, no master copy
+        return MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 

@@ -18,6 +18,7 @@ from megamix.parallel.compile import apply_compile
 from megamix.parallel.data_parallel import apply_data_parallel
 from megamix.parallel.mesh import ParallelMesh
 from megamix.parallel.pipeline import RankModel, keep_stage
+from megamix.parallel.precision import apply_precision
 from megamix.parallel.stages import stages_of_rank
 from megamix.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -76,6 +77,7 @@ def build_model_parts(cfg: Config, mesh: ParallelMesh, device: torch.device, ini
         module = copy.deepcopy(full) if len(stage_ids) > 1 else full
         if p.pp > 1:
             keep_stage(module, s, num_stages, p.stage_layers)
+        apply_precision(module, cfg.train.precision)  # bf16_pure: bf16 before sharding, on every layout
         if init == "host":
             module.to(device)
         if p.tp > 1:

@@ -10,14 +10,20 @@ from megamix.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not norms, biases), fused kernels on CUDA."""
+    """AdamW; weight decay only on matrices (not norms, biases), fused kernels on CUDA.
+
+    Adam's moments take the parameters' dtype: fp32, or bf16 under ``precision: bf16_pure``.  There
+    the update runs as the reference code's ``torch.optim.Adam`` on its bf16 model does, with
+    torch's default (foreach) implementation, each step of the update rounded to bf16, rather
+    than the fused kernel, which keeps the intermediates in fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = bool(params) and all(p.is_cuda for p in params)
+    fused = on_cuda and cfg.precision != "bf16_pure"
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=on_cuda or None
+        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None
     )
 
 

@@ -10,7 +10,9 @@ list of cases, run one after another on the same process group; each case is a d
 - ``evaluate``: also run ``Trainer.evaluate`` after the steps;
 - ``probe_zero``: record, after every training forward, whether a block's FSDP parameters are back
   to their data-parallel shard (ZeRO-3) or still the gathered full tensor (ZeRO-2);
-- ``save``: save a checkpoint after the steps and wait for it to be committed.
+- ``save``: save a checkpoint after the steps and wait for it to be committed;
+- ``dtypes``: record the dtypes of this rank's parameters, gradients at the first step, Adam
+  moments after the steps, and the residual stream entering each block.
 
 Rank 0 writes ``OUT/{name}.json``: ``{"records": [...], "eval": {...}, "sharded_after_forward": [...]}``.
 """
@@ -68,13 +70,40 @@ def probe_sharding_after_forward(trainer: Trainer) -> tuple[list[bool], torch.ut
     return seen, block.register_forward_hook(hook)
 
 
+def probe_dtypes(trainer: Trainer) -> dict:
+    """The dtypes of parameters (their local shards), first-step gradients and the residual stream
+    entering each block, as sorted lists of names (filled in as training runs)."""
+    seen: dict = {"params": sorted({str(p.dtype) for p in trainer.engine.model.parameters()}),
+                  "grads": [], "stream": []}
+
+    def grads(engine):
+        if not seen["grads"]:
+            seen["grads"] = sorted({str(p.grad.dtype) for p in engine.model.parameters() if p.grad is not None})
+
+    def stream(module, args):
+        name = str(args[0].dtype)
+        if name not in seen["stream"]:
+            seen["stream"].append(name)
+
+    trainer.engine.before_optimizer_step.append(grads)
+    for stage in trainer.engine.stages:
+        for block in stage.layers.values():
+            block.register_forward_pre_hook(stream)
+    return seen
+
+
 def run_case(spec: dict, out: Path) -> None:
     trainer = Trainer(load_config(None, spec["overrides"]))
     rank = dist.get_rank()
     grads = capture_first_step_grads(trainer) if spec.get("grads") else None
     probe = probe_sharding_after_forward(trainer) if spec.get("probe_zero") else None
+    dtypes = probe_dtypes(trainer) if spec.get("dtypes") else None
     records = [trainer.train_step() for _ in range(spec["steps"])]
     result: dict = {"records": records}
+    if dtypes is not None:
+        dtypes["adam"] = sorted({str(v.dtype) for state in trainer.engine.optimizer.state.values()
+                                 for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")})
+        result["dtypes"] = dtypes
     if probe is not None:
         sharded, handle = probe
         handle.remove()

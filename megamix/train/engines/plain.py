@@ -35,8 +35,10 @@ class PlainEngine(Engine):
 
             self.mesh = ParallelMesh.from_config(cfg, device.type)
         if self.mesh is None:
+            from megamix.parallel.precision import apply_precision
+
             torch.manual_seed(cfg.train.seed)
-            self.model = Transformer(cfg.model, cfg.norm).to(device)
+            self.model = apply_precision(Transformer(cfg.model, cfg.norm), cfg.train.precision).to(device)
             self.stages, self.stage_ids = [self.model], [0]
             self.num_params = num_parameters(self.model)
             if cfg.train.compile:
