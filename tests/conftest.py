@@ -153,5 +153,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker("dist")
         if "gpu" in path.parts:
             item.add_marker("gpu")
-        if "tp2_pp2_runs" in getattr(item, "fixturenames", ()):
-            item.add_marker("dist")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "tp2_pp2_runs" in getattr(item, "fixturenames", ()) or params.get("layout") == "tp2pp2":
+            item.add_marker("dist")  # checkpoints trained under TP2·PP2 by one torchrun launch
