@@ -7,7 +7,6 @@ in-loop lm-eval of a TP2·PP2 model gathered to rank 0.  One torchrun launch tra
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +45,9 @@ CASES = {
 }
 
 
-def test_instruments_on_parallel_layouts_equal_one_process(tmp_path):
+def test_instruments_on_parallel_layouts_equal_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # lm-eval reads the local text only; the ranks inherit this
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     sys.path.insert(0, str(ROOT / "tools"))
     downstream: list[str] = []
     try:
@@ -72,7 +73,6 @@ def test_instruments_on_parallel_layouts_equal_one_process(tmp_path):
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     torchrun(4, ROOT / "tests" / "dist" / "train_runs.py", spec)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     for name, overrides in single.items():
         Trainer(load_config(None, overrides)).run()
         got, want = instrument_lines(tmp_path / name), instrument_lines(tmp_path / (name + "_single"))

@@ -118,13 +118,16 @@ def depth_heatmaps_figure(series: dict[str, tuple[list[int], list[list[float]]]]
 
 def norm_scales_figure(profiles: dict[str, dict[str, list[float]]], title: str) -> Figure:
     """One panel per run: the RMS of each norm's output per layer, a line per sublayer slot
-    (``attention_before``, ``mlp_after``, ...), log scale; a slot is absent where a layer has no such norm."""
+    (``attention_before``, ``mlp_after``, ...; one colour per slot in every panel), log scale; a slot
+    is absent where a layer has no such norm."""
     fig = Figure(figsize=(3.6 * len(profiles) + 1.0, 3.6), layout="constrained")
     axes = fig.subplots(1, len(profiles), squeeze=False, sharey=True)[0]
+    slot_names = list(dict.fromkeys(slot for slots in profiles.values() for slot in slots))
     for ax, (name, slots) in zip(axes, profiles.items()):
         num_layers = 0
         for slot, values in slots.items():
-            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=slot.replace("_", " "))
+            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=slot.replace("_", " "),
+                    color=f"C{slot_names.index(slot)}")
             num_layers = max(num_layers, len(values))
         ax.set_yscale("log")
         ax.set_title(name, fontsize="medium")
