@@ -197,7 +197,6 @@ def bible():
     return [doc["text"] for doc in documents(120)[:6]]
 
 
-@pytest.mark.slow  # lm-eval, W&B and three runs of a 32k-vocabulary model: about 30 s
 def test_a_run_with_every_instrument_on_and_a_requeue(tmp_path, bible):
     pytest.importorskip("wandb")
     pytest.importorskip("lm_eval")
