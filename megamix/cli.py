@@ -1,9 +1,15 @@
-"""``megamix train|plan|evaluate|eval``: the command line (also ``python -m megamix``)."""
+"""``megamix train|check|plan|val-loss|lm-eval``: the command line (also ``python -m megamix``).
+
+``val-loss`` is the token-level validation loss of a checkpoint on a ``.bin/.idx`` corpus;
+``lm-eval`` runs lm-evaluation-harness on a checkpoint or an export.  Their old names, ``evaluate``
+and ``eval``, still work and say what they are now called.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from megamix.config import load_config, validate
 from megamix.errors import MegamixError, run_command
@@ -65,7 +71,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 class EvaluateError(MegamixError, ValueError):
-    """A bad ``megamix evaluate`` argument."""
+    """A bad ``megamix val-loss`` argument."""
+
+
+# Old command names → (new name, what it does): they still work, with a one-line hint.
+RENAMED = {
+    "evaluate": ("val-loss", "validation loss of a checkpoint on a .bin/.idx corpus"),
+    "eval": ("lm-eval", "lm-evaluation-harness on a checkpoint or an export"),
+}
+
+
+def resolve_device(device: str | None) -> str:
+    """``--device``: as given, else CUDA when available, else the CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -92,9 +114,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if num_batches == 0:
         raise EvaluateError(f"{args.data}: {len(data)} samples of {seq_len + 1} tokens, not one batch of "
                             f"{args.micro_batch_size}; lower --micro-batch-size or --seq-len")
-    model = load_model(checkpoint)
+    device = torch.device(resolve_device(args.device))
+    model = load_model(checkpoint).to(device)
     size = args.micro_batch_size
-    batches = (torch.stack([data[i] for i in range(b * size, (b + 1) * size)]) for b in range(num_batches))
+    batches = (torch.stack([data[i] for i in range(b * size, (b + 1) * size)]).to(device) for b in range(num_batches))
     loss = validation_loss(model, batches)
     result = {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": num_batches * size * seq_len}
     summary = f"loss {loss:.4f}, perplexity {result['val_ppl']:.2f} over {result['val_tokens']:,} tokens"
@@ -108,7 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(
         [t.strip() for t in args.tasks.split(",") if t.strip()], checkpoint=args.checkpoint, export=args.hf,
         tokenizer=args.tokenizer, text=args.text, compare=args.compare, batch_size=args.batch_size,
-        max_length=args.max_length, limit=args.limit, device=args.device, trust_code=args.trust_remote_code,
+        max_length=args.max_length, limit=args.limit, device=resolve_device(args.device),
+        trust_code=args.trust_remote_code,
     )
     if args.json:
         print(json.dumps(report, indent=1))
@@ -120,6 +144,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in report.get("megamix", {}).items():
         print(f"megamix  {key}: {value:.6g}")
     return 0
+
+
+def _help(name: str, text: str) -> str:
+    return f"old name of `megamix {RENAMED[name][0]}`" if name in RENAMED else text
+
+
+def _add_val_loss(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (latest checkpoint)")
+    p.add_argument("--data", required=True, help=".bin/.idx prefix")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the sequence length it was trained with")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_lm_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; megamix_text_perplexity "
+                   "is the offline perplexity of --text")
+    p.add_argument("--checkpoint", help="checkpoint or run directory (needs --tokenizer unless --hf is given)")
+    p.add_argument("--tokenizer", help="the SentencePiece .model or HF tokenizer the model was trained with")
+    p.add_argument("--hf", help="an existing export (tools/convert_to_hf.py) instead of exporting --checkpoint")
+    p.add_argument("--text", help="JSON lines with a 'text' field (.gz too), or a .txt file as one document")
+    p.add_argument("--compare", action="store_true", help="also compute the text task's perplexities with "
+                   "megamix's own model and tokenizer (needs --checkpoint)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=None, help="window; default: model.max_seq_len")
+    p.add_argument("--limit", type=int, default=None, help="documents per task")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run an export's own Python even when it is not megamix's modeling_megamix.py")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,38 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world-size", type=int, default=None, metavar="N",
                       help="list the valid tp/pp/dp layouts of N GPUs with their memory per GPU")
     plan.set_defaults(func=cmd_plan)
-    evaluate = sub.add_parser("evaluate", parents=[common],
-                              help="validation loss and perplexity of a checkpoint on a .bin/.idx corpus")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory (latest checkpoint)")
-    evaluate.add_argument("--data", required=True, help=".bin/.idx prefix")
-    evaluate.add_argument("--seq-len", type=int, default=None, help="default: the sequence length it was trained with")
-    evaluate.add_argument("--micro-batch-size", type=int, default=8)
-    evaluate.add_argument("--max-batches", type=int, default=None)
-    evaluate.add_argument("--json", action="store_true")
-    evaluate.set_defaults(func=cmd_evaluate)
-    lm_eval = sub.add_parser("eval", parents=[common],
-                             help="lm-evaluation-harness on a checkpoint (exported on the fly) or an export")
-    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; megamix_text_perplexity "
-                         "is the offline perplexity of --text")
-    lm_eval.add_argument("--checkpoint", help="checkpoint or run directory (needs --tokenizer unless --hf is given)")
-    lm_eval.add_argument("--tokenizer", help="the SentencePiece .model or HF tokenizer the model was trained with")
-    lm_eval.add_argument("--hf", help="an existing export (tools/convert_to_hf.py) instead of exporting --checkpoint")
-    lm_eval.add_argument("--text", help="JSON lines with a 'text' field (.gz too), or a .txt file as one document")
-    lm_eval.add_argument("--compare", action="store_true", help="also compute the text task's perplexities with "
-                         "megamix's own model and tokenizer (needs --checkpoint)")
-    lm_eval.add_argument("--batch-size", type=int, default=1)
-    lm_eval.add_argument("--max-length", type=int, default=None, help="window; default: model.max_seq_len")
-    lm_eval.add_argument("--limit", type=int, default=None, help="documents per task")
-    lm_eval.add_argument("--device", default="cpu")
-    lm_eval.add_argument("--trust-remote-code", action="store_true",
-                         help="run an export's own Python even when it is not megamix's modeling_megamix.py")
-    lm_eval.add_argument("--json", action="store_true")
-    lm_eval.set_defaults(func=cmd_eval)
+    for name in ("val-loss", "evaluate"):
+        _add_val_loss(sub.add_parser(name, parents=[common], help=_help(name, "validation loss and perplexity of a "
+                                                                           "checkpoint on a .bin/.idx corpus")))
+    for name in ("lm-eval", "eval"):
+        _add_lm_eval(sub.add_parser(name, parents=[common], help=_help(name, "lm-evaluation-harness on a checkpoint "
+                                                                          "(exported on the fly) or an export")))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in RENAMED:
+        new, what = RENAMED[args.command]
+        print(f"megamix: `megamix {args.command}` is now `megamix {new}` ({what}); the old name still works",
+              file=sys.stderr)
     return run_command("megamix", lambda: args.func(args), debug=args.debug)
 
 

@@ -37,6 +37,8 @@ ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16", "bf16_pure")  # bf16: mixed (fp32 master weights); bf16_pure: the reference's
 NONFINITE = ("stop", "skip")
 LR_SCHEDULES = ("cosine", "constant")
+WANDB_MODES = ("disabled", "offline", "online")
+TEXT_TASK = "megamix_text_perplexity"  # lm-eval's perplexity of a local text (megamix/hf/lm_eval_tasks)
 
 
 class _Loader(yaml.SafeLoader):
@@ -146,6 +148,61 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike and instability flags (``train.spikes``): a step whose loss, global gradient norm
+    or one layer's gradient norm jumps more than ``sigmas`` standard deviations of its log over the
+    last ``window`` steps, and at least ``min_rise`` (relative) above their geometric mean, is
+    logged as an event."""
+
+    enabled: bool = True
+    window: int = 50  # steps of running statistics per series
+    warmup: int = 10  # steps a series must have seen before it can flag
+    sigmas: float = 6.0
+    min_rise: float = 0.1  # 0.1: at least 10% above the running (geometric) mean
+    layers: bool = True  # also watch each layer's gradient norm
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install megamix[wandb]``); the run id is kept in
+    ``OUTPUT_DIR/wandb_id``, so a resumed (requeued) run continues the same W&B run."""
+
+    mode: str = "disabled"  # disabled | offline (no network; `wandb sync` later) | online
+    project: str = "megamix"
+    entity: str | None = None
+    name: str | None = None  # None: the run directory's name
+    group: str | None = None
+    tags: list[str] | None = None
+
+
+@dataclass
+class ProfileConfig:
+    """``torch.profiler`` over steps ``start`` … ``start + steps - 1`` (as numbered in the logs),
+    into ``OUTPUT_DIR/profile/``: a trace per rank, and on CUDA a memory snapshot."""
+
+    start: int = 5
+    steps: int = 0  # 0: off
+    record_shapes: bool = False
+    with_stack: bool = False
+    memory: bool = True  # on CUDA: record allocations and write a memory snapshot
+
+
+@dataclass
+class DownstreamConfig:
+    """lm-evaluation-harness on the in-memory model every ``train.downstream_interval`` steps."""
+
+    tasks: list[str] = field(default_factory=lambda: [TEXT_TASK])  # any installed lm-eval task by name too
+    text: str | None = None  # the documents of megamix_text_perplexity: JSON lines with "text" (.gz too) or .txt
+    tokenizer: str | None = None  # None: data.tokenizer
+    limit: int | None = None  # documents (examples) per task
+    batch_size: int = 8
+    max_length: int | None = None  # window; None: model.max_seq_len (as `megamix lm-eval`)
+    num_fewshot: int | None = None
+    include_path: str | None = None  # a directory of extra lm-eval task YAMLs
+    device: str | None = None  # where rank 0 evaluates its gathered copy; None: the training device
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 8
@@ -174,6 +231,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
+    # Instruments (docs/instruments.md): depth statistics, instability flags, W&B, profiler, evals.
+    stats_interval: int = 0  # depth statistics on a fixed validation probe every N steps (0: off)
+    stats_probe_sequences: int = 4  # validation sequences in the probe batch
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    downstream_interval: int = 0  # lm-eval on the in-memory model every N steps (0: off)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 @dataclass
@@ -462,6 +527,45 @@ def _validate_layout(cfg: Config) -> None:
         )
 
 
+def _validate_instruments(cfg: Config) -> None:
+    """``train.stats_*``, ``spikes``, ``wandb``, ``profile`` and ``downstream``."""
+    t = cfg.train
+    for name in ("stats_interval", "downstream_interval"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", f"must not be negative (0: off); got {getattr(t, name)}")
+    _positive("train.stats_probe_sequences", t.stats_probe_sequences)
+    s = t.spikes
+    if s.window < 2:
+        raise ConfigError("train.spikes.window", f"needs at least 2 steps; got {s.window}")
+    if not 2 <= s.warmup <= s.window:
+        raise ConfigError("train.spikes.warmup", f"must lie in [2, window={s.window}]; got {s.warmup}")
+    _positive("train.spikes.sigmas", s.sigmas)
+    if s.min_rise < 0:
+        raise ConfigError("train.spikes.min_rise", f"must not be negative; got {s.min_rise}")
+    _choice("train.wandb.mode", t.wandb.mode, WANDB_MODES)
+    if t.profile.steps < 0:
+        raise ConfigError("train.profile.steps", f"must not be negative (0: off); got {t.profile.steps}")
+    _positive("train.profile.start", t.profile.start)
+    d = t.downstream
+    _positive("train.downstream.batch_size", d.batch_size)
+    for name in ("limit", "max_length"):
+        if getattr(d, name) is not None:
+            _positive(f"train.downstream.{name}", getattr(d, name))
+    if d.max_length is not None and d.max_length > cfg.model.max_seq_len:
+        raise ConfigError("train.downstream.max_length", f"{d.max_length} exceeds model.max_seq_len "
+                          f"{cfg.model.max_seq_len}")
+    if not t.downstream_interval:
+        return
+    if not d.tasks:
+        raise ConfigError("train.downstream.tasks", "name at least one lm-eval task (e.g. megamix_text_perplexity)")
+    if TEXT_TASK in d.tasks and not d.text:
+        raise ConfigError("train.downstream.text", f"the {TEXT_TASK} task needs a text file: JSON lines with a "
+                          "'text' field (.gz too), or a .txt file as one document")
+    if not (d.tokenizer or cfg.data.tokenizer):
+        raise ConfigError("train.downstream.tokenizer", "lm-eval scores text: set data.tokenizer (or "
+                          "train.downstream.tokenizer) to the tokenizer the corpus was made with")
+
+
 def validate(cfg: Config, world_size: int | None = None, for_training: bool = False) -> Config:
     """Check the whole config; fill in derived values (``parallel.dp``) when the world size is known."""
     m, n, p, d, t = cfg.model, cfg.norm, cfg.parallel, cfg.data, cfg.train
@@ -588,6 +692,7 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", f"must not be negative; got {d.num_workers}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _validate_instruments(cfg)
     dp = p.dp or 1
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(

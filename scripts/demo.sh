@@ -27,7 +27,7 @@ python tools/convert_to_hf.py --checkpoint demo/run --output demo/hf --tokenizer
     --dtype fp32 --overwrite --verify
 
 echo "== 6. evaluate: megamix on the validation tokens, then lm-eval on the export (same text, both models)"
-megamix evaluate --checkpoint demo/run --data demo/data/demo_validation_text_document
-megamix eval --hf demo/hf --checkpoint demo/run --tasks megamix_text_perplexity \
+megamix val-loss --checkpoint demo/run --data demo/data/demo_validation_text_document
+megamix lm-eval --hf demo/hf --checkpoint demo/run --tasks megamix_text_perplexity \
     --text demo/c4/c4-validation.00000-of-00001.json.gz --limit 20 --max-length 128 --batch-size 8 --compare
 echo "metrics: demo/run/metrics.jsonl   TensorBoard: tensorboard --logdir demo/run/tensorboard   export: demo/hf"

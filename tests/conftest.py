@@ -136,6 +136,7 @@ def tp2_pp2_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
 
 TIERS = {
     "test_parallel_training.py": "dist",
+    "test_instruments_parallel.py": "dist",
     "test_deepspeed.py": "dist",
     "test_slurm.py": "slurm",
     "test_slurm_preprocess.py": "slurm",

@@ -82,7 +82,7 @@ def test_lm_eval_perplexity_of_an_export_agrees_with_megamix(model_32k, bible, t
     text = tmp_path / "valid.jsonl"
     long_document = " ".join(bible[:4])  # several 16-token windows
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in [long_document, *bible[4:10]]))
-    assert main(["eval", "--checkpoint", str(model_32k), "--tokenizer", str(mistral_tokenizer_path()),
+    assert main(["lm-eval", "--checkpoint", str(model_32k), "--tokenizer", str(mistral_tokenizer_path()),
                  "--tasks", TEXT_TASK, "--text", str(text), "--max-length", "16", "--batch-size", "8",
                  "--compare", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

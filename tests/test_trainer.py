@@ -182,7 +182,7 @@ def test_evaluate_command_equals_loss_over_consecutive_windows(tiny_config, tmp_
 
     Trainer(tiny_config("train.steps=2")).run()
     docs = write_corpus(tmp_path / "heldout", num_docs=30, seed=9)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "heldout"),
+    assert main(["val-loss", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "heldout"),
                  "--micro-batch-size", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     stream = torch.from_numpy(np.concatenate(docs).astype(np.int64))

@@ -263,20 +263,20 @@ def test_commands_print_one_line_errors_and_debug_shows_the_traceback(tiny_confi
     Trainer(tiny_config("train.steps=2")).run()
     run = str(tmp_path / "run")
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "nowhere")]) == 1
+    assert main(["val-loss", "--checkpoint", run, "--data", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err and "file not found" in err
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", run]) == 1
+    assert main(["val-loss", "--checkpoint", str(tmp_path / "nothing"), "--data", run]) == 1
     assert "neither a complete checkpoint" in capsys.readouterr().err
-    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "corpus"), "--micro-batch-size", "0"]) == 1
+    assert main(["val-loss", "--checkpoint", run, "--data", str(tmp_path / "corpus"), "--micro-batch-size", "0"]) == 1
     assert "--micro-batch-size must be positive" in capsys.readouterr().err
     write_corpus(tmp_path / "tiny", num_docs=1)  # fewer tokens than one batch: an error, not "ppl 1.00 over 0 tokens"
-    assert main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "tiny")]) == 1
+    assert main(["val-loss", "--checkpoint", run, "--data", str(tmp_path / "tiny")]) == 1
     assert "not one batch" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.startswith("megamix: config error: config: cannot read")
     with pytest.raises(Exception, match="nowhere"):
-        main(["evaluate", "--checkpoint", run, "--data", str(tmp_path / "nowhere"), "--debug"])
+        main(["val-loss", "--checkpoint", run, "--data", str(tmp_path / "nowhere"), "--debug"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,6 +141,56 @@ def per_layer_table(runs: list[Run], profile: Callable[[Run], list[float] | None
     return "\n".join(lines)
 
 
+# Depth statistics measured while training (train.stats_interval; docs/instruments.md), drawn as
+# depth × step heat maps: file stem → (statistic, colour-bar label, title, log colour scale).
+DEPTH_FIGURES: dict[str, tuple[str, str, str, bool]] = {
+    "depth_rms": ("rms", "RMS of x_ℓ+1", "RMS of the residual stream after each layer, over training", True),
+    "depth_angular": ("angular", "d(x_ℓ, x_ℓ+1)",
+                      "Angular distance between each layer's input and output (probe tokens), over training", False),
+    "depth_update_ratio": ("update_ratio", "‖ΔW‖ / ‖W‖", "Update-to-weight ratio per layer, over training", True),
+    "depth_grad_norm": ("grad_norm", "‖∇W_ℓ‖", "Gradient norm per layer, over training", True),
+}
+NORM_SLOT_NAMES = [f"{sublayer}_{slot}" for sublayer in ("attention", "mlp") for slot in ("before", "output", "after")]
+
+
+def last_stats(run: Run, stat: str) -> list[float] | None:
+    """A depth statistic per layer at the run's last statistics step (None without statistics)."""
+    series = run.depth_series(stat)
+    return [row[-1] for row in series[1]] if series and run.stats else None
+
+
+def norm_scales(run: Run) -> dict[str, list[float]]:
+    """``{slot: RMS of that norm's output per layer}`` at the last statistics step, slots the run has."""
+    out = {}
+    for slot in NORM_SLOT_NAMES:
+        series = run.depth_series("norm_out", f"/{slot}")
+        if series:
+            out[slot] = [row[-1] for row in series[1]]
+    return out
+
+
+def depth_markdown(runs: list[Run]) -> list[str]:
+    """Sections for the depth statistics: shallow → deep at the last statistics step, per-layer
+    tables, and the instability events."""
+    with_stats = [run for run in runs if run.stats]
+    if not with_stats:
+        return []
+    lines = ["| run | scheme | stats step | RMS after layer (shallow → deep) | angular distance | update ratio "
+             "| spike events |", "|---|---|---|---|---|---|---|"]
+    for run in with_stats:
+        lines.append(f"| {run.name} | {run.scheme} | {run.stats[-1]['step']} "
+                     f"| {_shallow_to_deep(last_stats(run, 'rms'))} | {_shallow_to_deep(last_stats(run, 'angular'))} "
+                     f"| {_shallow_to_deep(last_stats(run, 'update_ratio'))} "
+                     f"| {sum(1 for e in run.events if e.get('event', '').endswith('_spike'))} |")
+    sections = ["", "## Depth statistics while training (last statistics step)", "", "\n".join(lines)]
+    for stat, title in (("rms", "RMS of the residual stream after layer ℓ"),
+                        ("angular", "Angular distance d(x_ℓ, x_ℓ+1), all probe tokens")):
+        table = per_layer_table(with_stats, lambda run, stat=stat: last_stats(run, stat), ".4g")
+        if table:
+            sections += ["", f"## {title}, at the last statistics step", "", table]
+    return sections
+
+
 def comparison_markdown(runs: list[Run]) -> str:
     sections = ["## Final metrics", "", summary_table(runs)]
     for stem, (profile, _, title) in PROFILES.items():
@@ -149,6 +199,7 @@ def comparison_markdown(runs: list[Run]) -> str:
             note = {"angular_distance": f" ({_token_mode(runs)})", "layer_removal": " (validation loss increase, nats)"}
             note = note.get(stem, "")
             sections += ["", f"## {title}{note}", "", table]
+    sections += depth_markdown(runs)
     return "\n".join(sections) + "\n"
 
 
@@ -165,12 +216,27 @@ def comparison_figures(runs: list[Run]) -> dict[str, Figure]:
             if stem == "angular_distance":
                 title = f"{title} ({_token_mode(runs)})"
             figures[stem] = plots.per_layer_figure(series, ylabel, title, log_scale=stem.startswith("grad_norms"))
+    figures.update(depth_figures(runs))
     analyzed = [run for run in runs if run.analysis]
     if analyzed:
         figures["angular_heatmaps"] = plots.angular_heatmaps_figure(
             {run.name: run.analysis["angular_distance"]["blocks"] for run in analyzed},
             f"Angular distance d(x_ℓ, x_ℓ+n) across n layers ({_token_mode(analyzed)})",
         )
+    return figures
+
+
+def depth_figures(runs: list[Run]) -> dict[str, Figure]:
+    """The depth × step heat maps of every statistic some run has, and the norms' output scales."""
+    figures = {}
+    for stem, (stat, label, title, log_scale) in DEPTH_FIGURES.items():
+        series = {run.name: s for run in runs if (s := run.depth_series(stat)) and (stat != "grad_norm" or run.stats)}
+        if series:
+            figures[stem] = plots.depth_heatmaps_figure(series, title, label, log_scale)
+    scales = {run.name: profile for run in runs if (profile := norm_scales(run))}
+    if scales:
+        figures["norm_scales"] = plots.norm_scales_figure(
+            scales, "Norm output RMS per layer and slot (last statistics step)")
     return figures
 
 

@@ -1,4 +1,5 @@
-"""The papers' figures, drawn with matplotlib: per-layer profiles, angular-distance heat maps, curves.
+"""The papers' figures, drawn with matplotlib: per-layer profiles, angular-distance heat maps, curves,
+and the depth × step heat maps of statistics measured while training.
 
 Figures are built with matplotlib's object API (``Figure``, no pyplot state), so plotting works
 headless and never touches a caller's open figures.  Each function returns the figure; the caller
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 
@@ -74,6 +76,64 @@ def angular_heatmaps_figure(blocks: dict[str, list[list[float]]], title: str) ->
         ax.set_xticks(_layer_ticks(num_layers))
         ax.set_yticks(_layer_ticks(num_layers, first=1))
     fig.colorbar(image, ax=list(axes), label="angular distance")
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def _edges(centers: list[float]) -> np.ndarray:
+    """Cell edges around increasing centers (half-way between neighbours)."""
+    c = np.asarray(centers, dtype=float)
+    if len(c) == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = (c[1:] + c[:-1]) / 2
+    return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+
+
+def depth_heatmaps_figure(series: dict[str, tuple[list[int], list[list[float]]]], title: str, label: str,
+                          log_scale: bool = False) -> Figure:
+    """One panel per run: a per-layer statistic over training, layer ℓ (y) × step (x), on one shared
+    colour scale (logarithmic with ``log_scale``); cells without a value stay blank."""
+    fig = Figure(figsize=(3.6 * len(series) + 1.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    grids = {name: np.asarray(values, dtype=float) for name, (_, values) in series.items()}
+    finite = np.concatenate([g[np.isfinite(g) & ((g > 0) if log_scale else True)] for g in grids.values()])
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+    else:
+        low, high = (1e-3, 1.0) if log_scale else (0.0, 1.0)
+    norm = LogNorm(low, max(high, low * 1.0001)) if log_scale else Normalize(low, high if high > low else low + 1e-12)
+    mesh = None
+    for ax, (name, (steps, _)) in zip(axes, series.items()):
+        grid = np.ma.masked_invalid(grids[name])
+        num_layers = grid.shape[0]
+        mesh = ax.pcolormesh(_edges(steps), np.arange(num_layers + 1) - 0.5, grid, cmap="viridis", norm=norm)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_ylabel("layer ℓ")
+        ax.set_yticks(_layer_ticks(num_layers))
+    fig.colorbar(mesh, ax=list(axes), label=label)
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def norm_scales_figure(profiles: dict[str, dict[str, list[float]]], title: str) -> Figure:
+    """One panel per run: the RMS of each norm's output per layer, a line per sublayer slot
+    (``attention_before``, ``mlp_after``, ...; one colour per slot in every panel), log scale; a slot
+    is absent where a layer has no such norm."""
+    fig = Figure(figsize=(3.6 * len(profiles) + 1.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(profiles), squeeze=False, sharey=True)[0]
+    slot_names = list(dict.fromkeys(slot for slots in profiles.values() for slot in slots))
+    for ax, (name, slots) in zip(axes, profiles.items()):
+        num_layers = 0
+        for slot, values in slots.items():
+            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=slot.replace("_", " "),
+                    color=f"C{slot_names.index(slot)}")
+            num_layers = max(num_layers, len(values))
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize="medium")
+        _layer_axis(ax, num_layers)
+        ax.legend(fontsize="x-small")
+    axes[0].set_ylabel("RMS of the norm's output")
     fig.suptitle(title, fontsize="medium")
     return fig
 

@@ -1,7 +1,9 @@
 """What a finished run directory says about itself: its scheme, its curves, its final numbers.
 
-A run directory (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` and, once
-``tools/analyze_layers.py`` has looked at it, ``analysis/layers.json``.  Comparisons and the norm
+A run directory (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (training and
+validation lines, and with the instruments on the depth statistics, downstream evals and instability
+events: docs/instruments.md) and, once ``tools/analyze_layers.py`` has looked at it,
+``analysis/layers.json``.  Comparisons and the norm
 study read runs only through :func:`load_run`, so any run — from the study, from a cluster, from
 last month — can be compared with any other.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megamix.config import Config, NormConfig, load_config
@@ -34,6 +36,9 @@ class Run:
     train: list[dict]  # training lines of metrics.jsonl, in order
     eval: list[dict]  # evaluation lines
     analysis: dict | None  # analysis/layers.json, if the run was analyzed
+    stats: list[dict] = field(default_factory=list)  # depth-statistics lines (stats/...), in order
+    downstream: list[dict] = field(default_factory=list)  # in-loop lm-eval lines (downstream/...)
+    events: list[dict] = field(default_factory=list)  # instability flags and other events
 
     @property
     def scheme(self) -> str:
@@ -59,20 +64,41 @@ class Run:
         lines = [r for r in self.train if all(k in r for k in keys)]
         return [sum(r[k] for r in lines) / len(lines) for k in keys]
 
+    def depth_series(self, stat: str, suffix: str = "") -> tuple[list[int], list[list[float]]] | None:
+        """``(steps, values[layer][step index])`` of a per-layer statistic over training: a depth
+        statistic (``rms``, ``var``, ``angular``, ``update_ratio``, ``norm_out`` with a ``suffix``
+        such as ``/attention_before``) or ``grad_norm`` (the logged per-layer gradient norms); NaN
+        where a layer has no value (a norm slot a scheme lacks).  None when the run has none."""
+        if stat == "grad_norm":
+            lines, prefix = self.train, "grad_norm/layer_"
+        else:
+            lines, prefix = self.stats, f"stats/{stat}/layer_"
+        keys = [f"{prefix}{layer:02d}{suffix}" for layer in range(self.config.model.num_layers)]
+        lines = [r for r in lines if any(k in r for k in keys)]
+        if not lines:
+            return None
+        grid = [[r.get(k, math.nan) for r in lines] for k in keys]
+        return [r["step"] for r in lines], grid
 
-def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of a ``metrics.jsonl``; a line cut short by a crash is skipped."""
-    train, evaluation = [], []
+
+def read_lines(path: str | os.PathLike) -> list[dict]:
+    """Every line of a ``metrics.jsonl``; a line cut short by a crash is skipped."""
+    records = []
     for line in Path(path).read_text().splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if "val_loss" in record:
-            evaluation.append(record)
-        elif "loss" in record:
-            train.append(record)
-    return train, evaluation
+    return records
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a ``metrics.jsonl``."""
+    return _split(read_lines(path))
+
+
+def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    return [r for r in records if "loss" in r and "val_loss" not in r], [r for r in records if "val_loss" in r]
 
 
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
@@ -81,7 +107,8 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
         if not (path / required).is_file():
             raise RunDirError(f"{path}: no {required}; is this a megamix run directory?")
     config = load_config(path / "config.yaml")
-    train, evaluation = read_metrics(path / "metrics.jsonl")
+    records = read_lines(path / "metrics.jsonl")
+    train, evaluation = _split(records)
     analysis_file = path / LAYERS_JSON
     analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else None
     return Run(
@@ -92,6 +119,9 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
         train=train,
         eval=evaluation,
         analysis=analysis,
+        stats=[r for r in records if any(k.startswith("stats/") for k in r)],
+        downstream=[r for r in records if any(k.startswith("downstream/") for k in r)],
+        events=[r for r in records if "event" in r],
     )
 
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness on exports, and megamix's own number for the same perplexity.
 
 lm-eval's ``--model hf`` evaluates an export like any Hugging Face model.  Its perplexity of a
-text (``loglikelihood_rolling``) is not the token-level perplexity ``megamix evaluate`` reports:
+text (``loglikelihood_rolling``) is not the token-level perplexity ``megamix val-loss`` reports:
 
 - each document is scored separately: its tokens (no special tokens added) are predicted once
   each, the first from a single prefix token (the tokenizer's BOS, else EOS), the rest in windows
@@ -36,7 +36,7 @@ from megamix.hf.export import MODELING_FILE, export_checkpoint
 
 
 class EvalError(MegamixError, ValueError):
-    """A bad ``megamix eval`` request."""
+    """A bad ``megamix lm-eval`` request."""
 
 TEXT_TASK = "megamix_text_perplexity"
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
@@ -201,7 +201,7 @@ def evaluate(
     compare: bool = False,
     **lm_eval_args,
 ) -> dict:
-    """``megamix eval``: lm-eval on an export (made on the fly, in fp32, from ``checkpoint`` when
+    """``megamix lm-eval``: lm-eval on an export (made on the fly, in fp32, from ``checkpoint`` when
     no ``export`` is given) and, with ``compare``, megamix's own number for the text task."""
     if export is None and (checkpoint is None or tokenizer is None):
         raise EvalError("give an export directory, or a checkpoint and its tokenizer")

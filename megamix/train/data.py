@@ -66,3 +66,9 @@ class RunData:
         """This rank's share of the validation batches (batch b to data rank b mod dp), as tensors."""
         mine = deal_batches(self.eval_batches, *data_rank)
         return [torch.stack([self.valid[i] for i in batch]).to(device) for batch in mine]
+
+    def probe(self, sequences: int, device: torch.device) -> torch.Tensor:
+        """The depth statistics' probe batch ``[n, seq_len + 1]``: the first ``sequences`` samples of
+        the (unshuffled) validation data, at most as many as it holds; the same on every rank."""
+        count = min(sequences, len(self.valid))
+        return torch.stack([self.valid[i] for i in range(count)]).to(device)

@@ -1,5 +1,6 @@
-"""What a run reports: ``metrics.jsonl`` and TensorBoard, and the numbers behind them (model
-FLOPs per token, MFU; per-layer gradient norms come from :mod:`megamix.parallel.grad_norm`)."""
+"""What a run reports: ``metrics.jsonl`` and TensorBoard (and, through :attr:`MetricsLogger.sinks`,
+Weights & Biases: :mod:`megamix.train.loggers`), and the numbers behind them (model FLOPs per token,
+MFU; per-layer gradient norms come from :mod:`megamix.parallel.grad_norm`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def tensorboard_tag(key: str) -> str:
     return ("eval/" if key.startswith("val_") else "train/") + key
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers by TensorBoard tag; an event line (``{"event": ..., "value": ...}``) is
+    one scalar, ``events/<event>/<series>``."""
+    if "event" in record:
+        tag = f"events/{record['event']}" + (f"/{record['series']}" if "series" in record else "")
+        value = record.get("value", 1.0)
+        return {tag: value} if isinstance(value, (int, float)) else {}
+    return {tensorboard_tag(key): value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float))}
+
+
 class MetricsLogger:
     """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (rank 0 only)."""
 
@@ -49,6 +61,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
+        self.sinks: list = []  # more loggers: objects with log(step, scalars) and close()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,15 +93,18 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        values = scalars(record)
         if self.writer is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(tensorboard_tag(key), value, step)
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, record["step"])
+        for sink in self.sinks:
+            sink.log(record["step"], values)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()

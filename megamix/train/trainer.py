@@ -28,6 +28,7 @@ from megamix.ops import load_kernels
 from megamix.schemes import describe_schemes, layer_schemes
 from megamix.train.data import RunData
 from megamix.train.engines import build_engine
+from megamix.train.instruments import Instruments
 from megamix.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from megamix.train.optim import lr_at
 from megamix.train.preemption import EXIT_PREEMPTED, Heartbeat, Preempted, StopSignals
@@ -87,6 +88,9 @@ class Trainer:
             self.output_dir, enabled=self.is_main, tensorboard=t.tensorboard,
             resume_step=self.step,  # drop lines a killed run logged after the checkpoint we start from
         )
+        # Depth statistics, spike flags, W&B, the profiler, downstream evals (each off unless configured).
+        self.instruments = Instruments(cfg, self.engine, self.data, self.metrics, self.output_dir, self.device,
+                                       self.log)
         embedding = cfg.model.vocab_size * cfg.model.hidden_size
         self.flops_per_token = flops_per_token(
             self.engine.num_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len, embedding
@@ -123,6 +127,7 @@ class Trainer:
         """One optimizer step over the global batch that starts at the samples consumed so far."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
+        self.instruments.before_step(self.step + 1)
         loss = self.engine.forward_backward(self.next_batch())
         stats = self.engine.optimizer_step(lr, layer_norms=self.should_log(self.step + 1))
         loss = self.engine.reduce_loss(loss)
@@ -131,6 +136,7 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": stats.grad_norm}
         if stats.skipped or not (math.isfinite(loss) and math.isfinite(stats.grad_norm)):
             self.nonfinite(record, stats.skipped)
+        self.instruments.watch(record, stats)
         if self.should_log(self.step):
             record.update({f"grad_norm/layer_{i:02d}": v for i, v in sorted(stats.layer_norms.items())})
         return record
@@ -216,6 +222,7 @@ class Trainer:
                     ev = self.evaluate()
                     self.metrics.log(ev)
                     self.log(f"step {self.step:>6} | val loss {ev['val_loss']:.4f} | val ppl {ev['val_ppl']:.2f}")
+                self.instruments.after_step(self.step)  # depth statistics, downstream evals, profiler
                 saved = t.save_interval and self.step % t.save_interval == 0 or self.step == t.steps
                 if saved:
                     self.save()
@@ -232,6 +239,7 @@ class Trainer:
             self.wait_for_save()
         finally:
             self.close_loader()
+            self.instruments.close()
             heartbeat.close()
             bar.close()
             self.metrics.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,9 @@ class Engine(ABC):
         # Called with the engine once a step's gradients are final (reduced over every rank that
         # shares them), before norms, clipping and the optimizer: tests and instruments read them here.
         self.before_optimizer_step: list[Callable[[Engine], None]] = []
+        # Called with the engine and the step's StepStats once the optimizer has updated the weights
+        # (the depth statistics' update-to-weight ratios compare them with the weights before).
+        self.after_optimizer_step: list[Callable[[Engine, StepStats], None]] = []
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -114,6 +117,48 @@ class Engine(ABC):
     def run_before_optimizer_step(self) -> None:
         for hook in self.before_optimizer_step:
             hook(self)
+
+    def run_after_optimizer_step(self, stats: StepStats) -> StepStats:
+        for hook in self.after_optimizer_step:
+            hook(self, stats)
+        return stats
+
+    # -- instruments (megamix.train.stats, megamix.train.downstream) --------------------------
+    @property
+    def probe_share(self) -> tuple[bool, bool]:
+        """How this rank's share of a statistic of the residual stream adds up over the world:
+        ``(counts, tokens_split)``.  ``tokens_split``: the stream this rank sees is its slice of the
+        tokens (sequence parallelism), so the slices' sums add up; ``counts``: this rank's sums
+        enter the world's sum (one replica of each share counts, however many ranks hold it)."""
+        return True, False
+
+    def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """``(name, this rank's local share of the parameter, on how many ranks each of its
+        elements lives)`` for every parameter (the single-process model's names)."""
+        for name, param in self.model.named_parameters():
+            yield name, param.detach(), 1
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        """The model's forward over ``tokens`` (``[batch, seq]``, the same on every rank), without
+        gradients and without touching the training state (a collective: every rank calls it);
+        instruments watch it through module hooks.  The output is dropped."""
+        self.model.eval()
+        with self.autocast():
+            self.model(tokens)
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every parameter of the model, whole, on global rank 0 (``None`` on the other ranks), in
+        ``named_parameters`` order (a collective: every rank iterates to the end)."""
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        for name, param in self.model.named_parameters():
+            yield name, param.detach() if rank0 else None
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every rank (in place, returned)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+        return values
 
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:

@@ -34,7 +34,7 @@ run or a checkpoint needs it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ class DeepSpeedEngine(Engine):
         self.set_lr(self.optimizer, lr)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return StepStats(float(norm) if norm is not None else float("nan"), per_layer)
+        return self.run_after_optimizer_step(StepStats(float(norm) if norm is not None else float("nan"), per_layer))
 
     def layer_grad_norms(self) -> dict[int, float]:
         """The norm of each layer's reduced gradient (a collective: every rank calls it).
@@ -175,6 +175,41 @@ class DeepSpeedEngine(Engine):
         value = loss.detach().double().reshape(1) / dist.get_world_size()
         dist.all_reduce(value)
         return float(value)
+
+    # -- instruments --------------------------------------------------------------------------
+    @property
+    def probe_share(self) -> tuple[bool, bool]:
+        return dist.get_rank() == 0, False  # every rank runs the same probe on the whole model
+
+    def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """Under ZeRO-3 each rank's fp32 partition of every parameter; under ZeRO-1/2 the whole
+        parameter, which every rank holds."""
+        zero3 = self.cfg.parallel.zero == 3
+        world = dist.get_world_size()
+        for name, param in self.model.named_parameters():
+            if zero3:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                yield name, safe_get_local_fp32_param(param).detach(), 1
+            else:
+                yield name, param.detach(), world
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        self.engine.eval()
+        with self.autocast():
+            self.engine(tokens)
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Under ZeRO-3 each parameter is gathered (a collective) for the moment it is read."""
+        if self.cfg.parallel.zero != 3:
+            yield from super().full_parameters()
+            return
+        deepspeed = import_deepspeed()
+        rank0 = dist.get_rank() == 0
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.detach().clone() if rank0 else None
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

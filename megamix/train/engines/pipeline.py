@@ -12,6 +12,7 @@ import torch
 
 from megamix.config import Config
 from megamix.parallel.pipeline import build_schedule
+from megamix.parallel.stages import stage_to_rank
 from megamix.train.engines.base import sum_over_world
 from megamix.train.engines.plain import PlainEngine
 
@@ -47,6 +48,33 @@ class PipelineEngine(PlainEngine):
         losses = self.run_schedule(micro_batches, train=True)
         self.finish_gradients()
         return torch.stack(losses).mean().detach() if self.last_stage else None
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        """One batch through the stages in order, outside the schedule (which runs as many
+        micro-batches as a step has): each stage receives the residual stream from the rank
+        holding the stage before it and sends its own on; the last stage's logits are dropped."""
+        p = self.cfg.parallel
+        num_stages = p.pp * p.virtual_stages
+        group = self.mesh.pp_group
+        tp_split = self.tensor_parallel and p.sequence_parallel
+        seq = tokens.shape[1] // self.mesh.tp if tp_split else tokens.shape[1]
+        for stage, s in zip(self.stages, self.stage_ids):
+            stage.eval()
+            if s == 0:
+                x = tokens
+            else:
+                x = torch.empty((tokens.shape[0], seq, self.cfg.model.hidden_size), dtype=stage.stream_dtype,
+                                device=self.device)
+                torch.distributed.recv(x, src=torch.distributed.get_global_rank(group, stage_to_rank(s - 1, p.pp)),
+                                       group=group)
+            with self.autocast():
+                out = stage(x)
+            if s < num_stages - 1:
+                torch.distributed.send(out.contiguous(),
+                                       dst=torch.distributed.get_global_rank(group, stage_to_rank(s + 1, p.pp)),
+                                       group=group)
+        self.reshard()
 
     @torch.no_grad()
     def eval_losses(self, batches: Sequence[torch.Tensor]) -> tuple[float, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megamix.checkpoint import PendingCheckpoint
 from megamix.config import Config
 from megamix.model import Transformer, lm_loss, num_parameters
-from megamix.parallel.grad_norm import clip_gradients, grad_norms
+from megamix.parallel.grad_norm import clip_gradients, copies_per_element, grad_norms
 from megamix.train.engines.base import Engine, StepStats, forward_rounds, sum_over_world
 from megamix.train.optim import build_optimizer
 
@@ -132,7 +132,7 @@ class PlainEngine(Engine):
             self.set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm, per_layer, skipped)
+        return self.run_after_optimizer_step(StepStats(grad_norm, per_layer, skipped))
 
     def reduce_loss(self, loss: torch.Tensor | None) -> float:
         """The batch's mean loss, from the ranks that computed it (every last-stage rank, once per
@@ -161,6 +161,65 @@ class PlainEngine(Engine):
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         total = sum(float(loss) * b.shape[0] * (b.shape[1] - 1) for loss, b in zip(losses, batches))
         return sum_over_world(total, tokens, self.device, counted=self.mesh is None or self.mesh.tp_rank == 0)
+
+    # -- instruments --------------------------------------------------------------------------
+    @property
+    def probe_share(self) -> tuple[bool, bool]:
+        """Every data-parallel replica runs the same probe, so only data rank 0 counts; within a
+        tensor-parallel group the stream is whole on every rank (tensor rank 0 counts) or, under
+        sequence parallelism, split over the tokens (every tensor rank adds its slice)."""
+        if self.mesh is None:
+            return True, False
+        split = self.tensor_parallel and self.cfg.parallel.sequence_parallel
+        return self.mesh.dp_rank == 0 and (split or self.mesh.tp_rank == 0), split
+
+    def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        from megamix.parallel.grad_norm import _dtensor_type
+
+        dtensor = _dtensor_type() or ()
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if isinstance(param, dtensor) else param
+            yield name, local.detach(), copies_per_element(param, self.mesh)
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        for stage in self.stages:
+            stage.eval()
+        with self.autocast():
+            self.model(tokens)
+        self.reshard()
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Each parameter gathered whole over its stage's data and tensor ranks, parameter by
+        parameter (never a whole copy of the model on a rank but rank 0's); a pipeline stage that
+        rank 0 does not hold sends its parameters to it from its first rank."""
+        if self.mesh is None:
+            yield from super().full_parameters()
+            return
+        from megamix.parallel.grad_norm import _dtensor_type
+
+        dtensor = _dtensor_type() or ()
+        local = dict(self.model.named_parameters())
+        # Which parameters each rank holds, with their whole shapes (the same on a stage's ranks).
+        held: list = [None] * dist.get_world_size()
+        dist.all_gather_object(held, [(name, tuple(p.shape), p.dtype) for name, p in local.items()])
+        rank = dist.get_rank()
+        for pp_rank in range(self.mesh.pp):
+            sender = int(self.mesh.mesh.mesh[pp_rank, 0, 0])  # the stage's data rank 0, tensor rank 0
+            for name, shape, dtype in held[sender]:
+                full = None
+                if self.mesh.pp_rank == pp_rank:  # a collective over this stage's data and tensor ranks
+                    param = local[name]
+                    full = (param.full_tensor() if isinstance(param, dtensor) else param).detach()
+                if sender == 0:
+                    yield name, full if rank == 0 else None
+                elif rank == sender:
+                    dist.send(full.contiguous(), dst=0)
+                elif rank == 0:
+                    buffer = torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.recv(buffer, src=sender)
+                    yield name, buffer
+        dist.barrier()
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, output_dir: Path, step: int, train_state: dict, extra_files: dict[str, str],

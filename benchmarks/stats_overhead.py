@@ -1,0 +1,141 @@
+"""What the depth statistics cost: training step time with ``train.stats_interval: 10`` and without.
+
+    python benchmarks/stats_overhead.py                     # the tiny config and llama_71m, CPU, minutes
+    python benchmarks/stats_overhead.py --models 71m --micro-batch-size 32 --device cuda
+
+Two trainers of the same model and data, one with statistics every 10 steps and one without, train
+side by side in alternating blocks of 10 steps (after a warm-up block each), so that a slow phase
+of a shared machine hits both alike; each block holds exactly one statistics step.  The table gives
+the median time per step of each, the overhead (on / off − 1), and the median wall time of one
+statistics measurement itself (probe forward, update ratios, the all-reduce and the log line).
+
+The data is a synthetic corpus written into a temporary directory (token statistics do not matter
+for timing).  ``llama_71m`` runs with a reduced batch and in fp32 on the CPU (its config says bf16,
+which CPUs emulate slowly): the probe's fixed cost weighs more against a small batch than against
+the paper's 512 × 256 tokens, so the reduced batch is the harder case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megamix.config import load_config  # noqa: E402
+from megamix.data.indexed import IndexedDatasetWriter  # noqa: E402
+from megamix.train.trainer import Trainer  # noqa: E402
+
+MODELS = {
+    # name: (config file, overrides)
+    "tiny": (ROOT / "configs" / "llama_tiny.yaml", []),
+    "71m": (ROOT / "configs" / "llama_71m.yaml", ["train.precision=fp32"]),
+}
+INTERVAL = 10
+
+
+def synthetic_corpus(prefix: Path, vocab: int, tokens: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        written = 0
+        while written < tokens:
+            doc = rng.integers(0, vocab, size=int(rng.integers(50, 1000)), dtype=np.uint16)
+            writer.add_document(doc)
+            written += len(doc)
+
+
+def make_trainer(config: Path, overrides: list[str], output: Path, stats: bool, device: str) -> Trainer:
+    on = [f"train.stats_interval={INTERVAL}"] if stats else ["train.stats_interval=0"]
+    cfg = load_config(config, overrides + on + [f"train.output_dir={output}"])
+    return Trainer(cfg, device=device)
+
+
+def run_block(trainer: Trainer, steps: int, probe_times: list[float]) -> float:
+    """Seconds per step over ``steps`` steps, as the loop runs them (without logging or saving)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+        t0 = time.perf_counter()
+        trainer.instruments.after_step(trainer.step)
+        if trainer.instruments.stats is not None and trainer.step % INTERVAL == 0:
+            probe_times.append(time.perf_counter() - t0)
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(name: str, micro: int, accumulation: int, repeats: int, device: str, scratch: Path) -> dict:
+    config, extra = MODELS[name]
+    cfg = load_config(config, extra)
+    seq_len, vocab = cfg.data.seq_len, cfg.model.vocab_size
+    prefix = scratch / f"corpus_{name}"
+    synthetic_corpus(prefix, vocab, tokens=(repeats * 2 + 1) * INTERVAL * micro * accumulation * (seq_len + 1) * 3)
+    overrides = extra + [
+        f"data.path={prefix}", "data.valid_path=null", "data.split=95,5", "data.num_workers=0",
+        f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * accumulation}",
+        "train.steps=100000", "train.warmup_steps=10", "train.log_interval=100000", "train.eval_interval=0",
+        "train.save_interval=0", "train.tensorboard=false", "train.progress_bar=false",
+        f"train.eval_tokens={seq_len * 8}",
+    ]
+    off = make_trainer(config, overrides, scratch / f"{name}_off", stats=False, device=device)
+    on = make_trainer(config, overrides, scratch / f"{name}_on", stats=True, device=device)
+    probe_times: list[float] = []
+    for trainer in (off, on):  # warm-up: first-step allocations, the loader's first read
+        run_block(trainer, 2, [])
+    # Align the statistics trainer on block boundaries: its stats steps are multiples of INTERVAL.
+    run_block(on, INTERVAL - on.step % INTERVAL, [])
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        times["off"].append(run_block(off, INTERVAL, []))
+        times["on"].append(run_block(on, INTERVAL, probe_times))
+    for trainer in (off, on):
+        trainer.close_loader()
+        trainer.metrics.close()
+        trainer.lock.release()
+    step_off, step_on = statistics.median(times["off"]), statistics.median(times["on"])
+    return {"model": name, "params": off.engine.num_params, "batch": f"{micro * accumulation} × {seq_len}",
+            "off": step_off, "on": step_on, "overhead": step_on / step_off - 1,
+            "probe": statistics.median(probe_times), "blocks": repeats}
+
+
+def table(rows: list[dict], device: str) -> str:
+    lines = [f"| model | parameters | batch (sequences × tokens) | step, statistics off | step, statistics every "
+             f"{INTERVAL} | overhead | one statistics measurement |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['off'] * 1e3:.1f} ms "
+                     f"| {r['on'] * 1e3:.1f} ms | {r['overhead'] * 100:+.1f}% | {r['probe'] * 1e3:.1f} ms |")
+    return "\n".join(lines) + f"\n\n(device: {device}; median of {rows[0]['blocks']} interleaved blocks of " \
+                              f"{INTERVAL} steps per setting)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default: the tiny config's 8; 4 for llama_71m (the reduced batch)")
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved blocks of 10 steps per setting")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="megamix-stats-overhead-") as scratch:
+        for name in args.models:
+            micro = args.micro_batch_size or (8 if name == "tiny" else 4)
+            rows.append(measure(name, micro, args.accumulation, args.repeats, args.device, Path(scratch)))
+            print(f"{name}: done", file=sys.stderr)
+    print(table(rows, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

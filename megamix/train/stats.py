@@ -1,0 +1,218 @@
+"""Depth statistics while training: what happens inside the network, layer by layer, as it learns.
+
+Every ``train.stats_interval`` steps, on a fixed probe batch (the first ``train.stats_probe_sequences``
+sequences of the validation data, the same at every step and on every layout), one extra forward
+without gradients measures, per layer ℓ (global index, keys ``layer_ℓℓ``):
+
+- ``stats/rms/layer_ℓℓ``: the RMS of the residual stream after the layer, √(mean x²), over every
+  token and hidden unit of the probe (what the Curse of Depth paper sees grow with depth under Pre-LN);
+- ``stats/var/layer_ℓℓ``: the stream's variance across the hidden units, averaged over tokens;
+- ``stats/angular/layer_ℓℓ``: the angular distance arccos(cos(x_ℓ, x_ℓ+1))/π between the layer's input
+  and output stream, averaged over every token of the probe (Mix-LN's measure of how much a layer
+  still changes the hidden state; the checkpoint analysis defaults to the last token instead);
+- ``stats/norm_out/layer_ℓℓ/<sublayer>_<slot>``: the RMS of each norm's output, per sublayer
+  (``attention``, ``mlp``) and slot (``before`` the sublayer, on its ``output``, ``after`` the
+  residual add; :data:`megamix.schemes.SLOTS`): the scale the norm hands on, including LayerNorm
+  Scaling's 1/√(ℓ+1);
+- ``stats/update_ratio/layer_ℓℓ``: ‖ΔW‖/‖W‖ of the layer's parameters over this step's optimizer
+  update (W before the update), from the engine's optimizer hooks.
+
+Why the losses stay bit-identical with statistics on and off: the probe forward runs under
+``no_grad`` on tokens read once at start-up (no data loader, no RNG), after the step's update and
+before the next step, and only reads the stream through forward hooks; the update ratio reads the
+weights before and after the update and copies nothing back.
+
+Why any layout gives the one-process numbers: each statistic is a sum (of squares, of per-token
+variances and distances, of counts) that every rank accumulates for the layers and tokens it sees,
+in one ``[layers, fields]`` float64 table that one all-reduce adds up over the world.  Pipeline
+stages fill disjoint layers; tensor-parallel ranks see the whole stream (one of them counts) or,
+under sequence parallelism, their own slice of the tokens (all count); data-parallel replicas run the
+same probe (one counts) — :attr:`Engine.probe_share`.  The update ratio's squares are divided by how
+many ranks hold each element, as the gradient norms' are (:mod:`megamix.parallel.grad_norm`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamix.model import Block, layer_of
+from megamix.schemes import SLOTS, SUBLAYERS
+from megamix.train.engines import Engine, StepStats
+
+# Columns of the per-layer table.
+SUMSQ, ELEMENTS, VAR, ANGULAR, TOKENS, UPDATE_SQ, WEIGHT_SQ = range(7)
+NORM_SLOTS = [(sublayer, slot) for sublayer in SUBLAYERS for slot in SLOTS]
+NORM_BASE = 7  # then (sum of squares, elements) per norm slot
+COLUMNS = NORM_BASE + 2 * len(NORM_SLOTS)
+STAT_NAMES = ("rms", "var", "angular", "update_ratio", "norm_out")
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a, b)) / π row by row, in float64 and clamped (as
+    :func:`megamix.analysis.angular.angular_distance`, which this layer cannot import)."""
+    cos = (F.normalize(a.double(), dim=-1) * F.normalize(b.double(), dim=-1)).sum(-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def _square_norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖² in float64, from a float32-accumulated norm (no squared or float64 copy of ``t``)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).double().square()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a stream tensor (a DTensor's local shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def stat_key(stat: str, layer: int, norm: str | None = None) -> str:
+    """``stats/rms/layer_03``, ``stats/norm_out/layer_03/attention_before``."""
+    return f"stats/{stat}/layer_{layer:02d}" + (f"/{norm}" if norm else "")
+
+
+@contextmanager
+def eager(blocks: list[nn.Module]):
+    """Run compiled blocks eagerly for a moment (``train.compile``): the probe's hooks and its
+    ``no_grad`` mode then never reach the compiled graphs, which stay as they were."""
+    saved = [(b, b._compiled_call_impl) for b in blocks if getattr(b, "_compiled_call_impl", None) is not None]
+    for block, _ in saved:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, compiled in saved:
+            block._compiled_call_impl = compiled
+
+
+class DepthStats:
+    """The probe and the update ratios of one run (see the module docstring).
+
+    :meth:`arm` before a statistics step's optimizer update; :meth:`measure` after it (a
+    collective: every rank calls it) returns the record's ``stats/...`` values.
+    """
+
+    def __init__(self, engine: Engine, num_layers: int, probe: torch.Tensor):
+        self.engine, self.num_layers = engine, num_layers
+        self.tokens = probe[:, :-1].contiguous()  # [sequences, seq_len]
+        self.table = torch.zeros(num_layers, COLUMNS, dtype=torch.float64, device=engine.device)
+        self.armed = False
+        self.before: dict[str, torch.Tensor] | None = None
+        engine.before_optimizer_step.append(self._snapshot)
+        engine.after_optimizer_step.append(self._update_ratios)
+
+    # -- update-to-weight ratios --------------------------------------------------------------
+    def arm(self) -> None:
+        """Measure the next optimizer update."""
+        self.armed = True
+
+    def _snapshot(self, engine: Engine) -> None:
+        if self.armed:
+            self.before = {name: t.clone() for name, t, _ in engine.parameter_shards() if layer_of(name) is not None}
+
+    @torch.no_grad()
+    def _update_ratios(self, engine: Engine, stats: StepStats) -> None:
+        if self.before is None:
+            return
+        for name, now, copies in engine.parameter_shards():
+            before = self.before.get(name)
+            if before is None:
+                continue
+            row = self.table[layer_of(name)]
+            row[UPDATE_SQ] += _square_norm(now.float() - before.float()) / copies
+            row[WEIGHT_SQ] += _square_norm(before) / copies
+        self.before, self.armed = None, False
+
+    # -- the probe ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        """Run the probe, add everything up over the world, and return the statistics."""
+        counts, _ = self.engine.probe_share
+        blocks = {int(index): block for index, block in self.engine.model.layers.items()}
+        probe = torch.zeros_like(self.table)
+        with ExitStack() as stack:
+            for index, block in blocks.items():
+                handle = block.register_forward_hook(self._stream_hook(probe[index]))
+                stack.callback(handle.remove)
+                for column, norm in self._norms(block):
+                    stack.enter_context(_recording(norm, probe[index], column))
+            stack.enter_context(eager(list(blocks.values())))
+            self.engine.forward_only(self.tokens)
+        if counts:
+            self.table += probe
+        table = self.engine.reduce_sum(self.table).to("cpu", copy=True)
+        self.table.zero_()
+        return self.values(table)
+
+    def _norms(self, block: Block) -> list[tuple[int, nn.Module]]:
+        """``(table column, norm module)`` for each norm of a block, by (sublayer, slot)."""
+        found = []
+        for sublayer, names in block.norm_names.items():
+            for slot, name in zip(SLOTS, names):
+                if name:
+                    found.append((NORM_BASE + 2 * NORM_SLOTS.index((sublayer, slot)), getattr(block, name)))
+        return found
+
+    @staticmethod
+    def _stream_hook(row: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: tuple) -> None:
+            x_in = _local(Block.stream(args[0], args[1])).double().flatten(0, -2)
+            x_out = _local(Block.stream(*output)).double().flatten(0, -2)
+            row[SUMSQ] += x_out.square().sum()
+            row[ELEMENTS] += x_out.numel()
+            row[VAR] += x_out.var(dim=-1, unbiased=False).sum()
+            row[ANGULAR] += angular_distance(x_in, x_out).sum()
+            row[TOKENS] += x_out.shape[0]
+
+        return hook
+
+    def values(self, table: torch.Tensor) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for layer in range(self.num_layers):
+            row = table[layer].tolist()
+            if row[ELEMENTS] > 0:
+                out[stat_key("rms", layer)] = math.sqrt(row[SUMSQ] / row[ELEMENTS])
+                out[stat_key("var", layer)] = row[VAR] / row[TOKENS]
+                out[stat_key("angular", layer)] = row[ANGULAR] / row[TOKENS]
+            if row[WEIGHT_SQ] > 0:
+                out[stat_key("update_ratio", layer)] = math.sqrt(row[UPDATE_SQ] / row[WEIGHT_SQ])
+            for i, (sublayer, slot) in enumerate(NORM_SLOTS):
+                sumsq, elements = row[NORM_BASE + 2 * i], row[NORM_BASE + 2 * i + 1]
+                if elements > 0:
+                    out[stat_key("norm_out", layer, f"{sublayer}_{slot}")] = math.sqrt(sumsq / elements)
+        return out
+
+
+@contextmanager
+def _recording(norm: nn.Module, row: torch.Tensor, column: int):
+    """While open, every output of ``norm`` (through :meth:`Norm.add_norm`, which the block and
+    ``Norm.forward`` call) adds its sum of squares and element count to ``row[column:column+2]``;
+    an instance attribute that shadows the method for the moment."""
+    original = norm.add_norm
+
+    def add_norm(*args, **kwargs):
+        out = original(*args, **kwargs)
+        y = _local(out[0]).double()
+        row[column] += y.square().sum()
+        row[column + 1] += y.numel()
+        return out
+
+    norm.add_norm = add_norm
+    try:
+        yield
+    finally:
+        del norm.add_norm
+
+
+def summary_line(values: dict[str, float], num_layers: int) -> str:
+    """``rms 1.02 → 7.9 | angular 0.31 → 0.04 | update 2.1e-03 → 1.5e-03`` (first → last layer)."""
+    parts = []
+    for stat, label, fmt in (("rms", "rms", ".3g"), ("angular", "angular", ".3f"), ("update_ratio", "update", ".2e")):
+        first, last = values.get(stat_key(stat, 0)), values.get(stat_key(stat, num_layers - 1))
+        if first is not None and last is not None:
+            parts.append(f"{label} {first:{fmt}} → {last:{fmt}}")
+    return " | ".join(parts)
