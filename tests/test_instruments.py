@@ -108,6 +108,29 @@ def test_depth_statistics_leave_the_losses_bit_identical_and_match_the_checkpoin
     assert "## Depth statistics while training" in markdown
 
 
+@pytest.mark.parametrize("overrides", [
+    ["norm.scheme=olmo2"], ["norm.scheme=hybrid_star"], ["norm.scheme=peri", "norm.embedding_norm=true"],
+    ["norm.scheme=deepnorm", "norm.type=layernorm"], ["norm.scheme=pre", "norm.type=dyt", "norm.qk_norm=full"],
+], ids=["olmo2", "hybrid_star", "peri", "deepnorm", "pre_dyt_qk"])
+def test_depth_statistics_report_each_norm_the_scheme_table_gives_a_layer(tiny_config, tmp_path, overrides):
+    """Every scheme and norm type: the losses stay bit-identical, and the norm scales reported per
+    layer are exactly the slots the scheme's row has (written here from the table, not the model)."""
+    from megamix.schemes import SCHEMES, layer_schemes
+
+    base = [*overrides, "train.steps=2", "train.eval_interval=0", "train.save_interval=0"]
+    Trainer(tiny_config(*base, f"train.output_dir={tmp_path / 'off'}")).run()
+    on = Trainer(tiny_config(*base, "train.stats_interval=1", f"train.output_dir={tmp_path / 'on'}"))
+    on.run()
+    assert losses(tmp_path / "on") == losses(tmp_path / "off")
+    last = stats_lines(tmp_path / "on")[-1]
+    for layer, scheme in enumerate(layer_schemes(on.cfg.norm, 4)):
+        row = SCHEMES[scheme]
+        expected = {f"{sub}_{slot}" for sub in ("attention", "mlp") for slot in getattr(row, sub).slots()}
+        got = {k.rsplit("/", 1)[1] for k in last if k.startswith(f"stats/norm_out/layer_{layer:02d}/")}
+        assert got == expected, (layer, scheme)
+        assert all(math.isfinite(last[f"stats/{s}/layer_{layer:02d}"]) for s in ("rms", "angular", "update_ratio"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Instability flags
 
