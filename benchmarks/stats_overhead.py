@@ -4,10 +4,12 @@
     python benchmarks/stats_overhead.py --models 71m --micro-batch-size 32 --device cuda
 
 Two trainers of the same model and data, one with statistics every 10 steps and one without, train
-side by side in alternating blocks of 10 steps (after a warm-up block each), so that a slow phase
-of a shared machine hits both alike; each block holds exactly one statistics step.  The table gives
-the median time per step of each, the overhead (on / off − 1), and the median wall time of one
-statistics measurement itself (probe forward, update ratios, the all-reduce and the log line).
+side by side, one step each in turn (the order swapped every step), so that a slow phase of a shared
+machine hits both alike; each block of 10 steps holds exactly one statistics step.  The table gives
+the mean time per step of each (the statistics steps are the cost, so a mean, not a median), the
+overhead (on / off − 1) with its spread over the blocks, and the median wall time of one statistics
+measurement itself (probe forward, update ratios, the all-reduce and the log line; the snapshot of
+the weights the update ratio needs is taken inside the step and counted in the step times only).
 
 The data is a synthetic corpus written into a temporary directory (token statistics do not matter
 for timing).  ``llama_71m`` runs with a reduced batch and in fp32 on the CPU (its config says bf16,
@@ -57,20 +59,20 @@ def make_trainer(config: Path, overrides: list[str], output: Path, stats: bool, 
     return Trainer(cfg, device=device)
 
 
-def run_block(trainer: Trainer, steps: int, probe_times: list[float]) -> float:
-    """Seconds per step over ``steps`` steps, as the loop runs them (without logging or saving)."""
+def timed_step(trainer: Trainer, probe_times: list[float]) -> float:
+    """Seconds for one step as the loop runs it (without logging or saving), statistics included."""
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-        t0 = time.perf_counter()
-        trainer.instruments.after_step(trainer.step)
-        if trainer.instruments.stats is not None and trainer.step % INTERVAL == 0:
-            probe_times.append(time.perf_counter() - t0)
+    trainer.train_step()
+    t0 = time.perf_counter()
+    trainer.instruments.after_step(trainer.step)
     if trainer.device.type == "cuda":
         import torch
 
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    end = time.perf_counter()
+    if trainer.instruments.stats is not None and trainer.step % INTERVAL == 0:
+        probe_times.append(end - t0)
+    return end - start
 
 
 def measure(name: str, micro: int, accumulation: int, repeats: int, device: str, scratch: Path) -> dict:
@@ -90,20 +92,27 @@ def measure(name: str, micro: int, accumulation: int, repeats: int, device: str,
     on = make_trainer(config, overrides, scratch / f"{name}_on", stats=True, device=device)
     probe_times: list[float] = []
     for trainer in (off, on):  # warm-up: first-step allocations, the loader's first read
-        run_block(trainer, 2, [])
-    # Align the statistics trainer on block boundaries: its stats steps are multiples of INTERVAL.
-    run_block(on, INTERVAL - on.step % INTERVAL, [])
-    times: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(2):
+            timed_step(trainer, [])
+    while on.step % INTERVAL:  # align: the statistics steps are the last of each block
+        timed_step(on, [])
+    ratios, total = [], {"off": 0.0, "on": 0.0}
     for _ in range(repeats):
-        times["off"].append(run_block(off, INTERVAL, []))
-        times["on"].append(run_block(on, INTERVAL, probe_times))
+        block = {"off": 0.0, "on": 0.0}
+        for i in range(INTERVAL):
+            for key in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                block[key] += timed_step(off if key == "off" else on, probe_times)
+        ratios.append(block["on"] / block["off"] - 1)
+        for key in total:
+            total[key] += block[key]
     for trainer in (off, on):
         trainer.close_loader()
         trainer.metrics.close()
         trainer.lock.release()
-    step_off, step_on = statistics.median(times["off"]), statistics.median(times["on"])
+    steps = repeats * INTERVAL
     return {"model": name, "params": off.engine.num_params, "batch": f"{micro * accumulation} × {seq_len}",
-            "off": step_off, "on": step_on, "overhead": step_on / step_off - 1,
+            "off": total["off"] / steps, "on": total["on"] / steps, "overhead": total["on"] / total["off"] - 1,
+            "spread": statistics.stdev(ratios) if len(ratios) > 1 else float("nan"),
             "probe": statistics.median(probe_times), "blocks": repeats}
 
 
@@ -113,9 +122,11 @@ def table(rows: list[dict], device: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['off'] * 1e3:.1f} ms "
-                     f"| {r['on'] * 1e3:.1f} ms | {r['overhead'] * 100:+.1f}% | {r['probe'] * 1e3:.1f} ms |")
-    return "\n".join(lines) + f"\n\n(device: {device}; median of {rows[0]['blocks']} interleaved blocks of " \
-                              f"{INTERVAL} steps per setting)"
+                     f"| {r['on'] * 1e3:.1f} ms | {r['overhead'] * 100:+.1f}% ± {r['spread'] * 100:.1f} "
+                     f"| {r['probe'] * 1e3:.1f} ms |")
+    return "\n".join(lines) + f"\n\n(device: {device}; means over {rows[0]['blocks']} blocks of " \
+                              f"{INTERVAL} steps per setting, one step of each in turn; ± is the standard " \
+                              "deviation of the overhead over the blocks)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="default: the tiny config's 8; 4 for llama_71m (the reduced batch)")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved blocks of 10 steps per setting")
+    p.add_argument("--repeats", type=int, default=4, help="blocks of 10 steps per setting")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     rows = []
