@@ -27,19 +27,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from megamix.checkpoint import load_model
+from megamix.config import TEXT_TASK
 from megamix.data.tokenizer import load_tokenizer
 from megamix.errors import MegamixError
 from megamix.hf.export import MODELING_FILE, export_checkpoint
+from megamix.train.downstream import TASKS_DIR, text_task
 
 
 class EvalError(MegamixError, ValueError):
     """A bad ``megamix lm-eval`` request."""
 
-TEXT_TASK = "megamix_text_perplexity"
-TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
@@ -51,17 +50,6 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
-
-
-def text_task(path: str | os.PathLike) -> dict:
-    """The repository's local-file perplexity task (an lm-eval task config) over ``path``."""
-    task = yaml.safe_load((TASKS_DIR / f"{TEXT_TASK}.yaml").read_text())
-    path = Path(path).resolve()
-    if path.suffix == ".txt":
-        task.update(dataset_path="text", dataset_kwargs={"data_files": {"test": str(path)}, "sample_by": "document"})
-    else:
-        task["dataset_kwargs"] = {"data_files": {"test": str(path)}}
-    return task
 
 
 def prefix_token(export_dir: str | os.PathLike) -> int:
