@@ -546,6 +546,9 @@ def _validate_instruments(cfg: Config) -> None:
     if t.profile.steps < 0:
         raise ConfigError("train.profile.steps", f"must not be negative (0: off); got {t.profile.steps}")
     _positive("train.profile.start", t.profile.start)
+    if t.profile.steps and t.profile.start > t.steps:
+        raise ConfigError("train.profile.start", f"step {t.profile.start} is beyond train.steps={t.steps}: "
+                          "no trace would be written")
     d = t.downstream
     _positive("train.downstream.batch_size", d.batch_size)
     for name in ("limit", "max_length"):

@@ -289,6 +289,17 @@ def test_a_run_with_every_instrument_on_and_a_requeue(tmp_path, bible):
     assert placement["layer_schemes"] == ["pre"] * 4 and placement["summary"] == "pre×4"
 
 
+def test_a_tampered_wandb_id_is_refused_naming_the_file(tmp_path):
+    from megamix.errors import MegamixError
+    from megamix.train.loggers import run_id
+
+    first = run_id(tmp_path)
+    assert run_id(tmp_path) == first and len(first) == 8  # kept across restarts
+    (tmp_path / "wandb_id").write_text("../../elsewhere\n")
+    with pytest.raises(MegamixError, match="wandb_id: not a W&B run id"):
+        run_id(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Config, commands
 
@@ -298,11 +309,12 @@ def test_a_run_with_every_instrument_on_and_a_requeue(tmp_path, bible):
     ("train.spikes.warmup=1", "train.spikes.warmup"),
     ("train.wandb.mode=sometimes", "train.wandb.mode"),
     ("train.profile.start=0", "train.profile.start"),
+    ("train.profile.steps=2 train.steps=100 train.profile.start=101", "train.profile.start"),  # never reached
     ("train.downstream_interval=10", "train.downstream.text"),
 ])
 def test_instrument_settings_are_checked(override, field):
     with pytest.raises(ConfigError) as err:
-        validate(load_config(None, [override]))
+        validate(load_config(None, override.split()))
     assert err.value.field == field
 
 

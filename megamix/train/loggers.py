@@ -13,20 +13,26 @@ W&B is imported only here, and only when ``train.wandb.mode`` is not ``disabled`
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import string
 from pathlib import Path
 
 from megamix.config import Config, ConfigError
+from megamix.errors import MegamixError
 
 ID_FILE = "wandb_id"
+VALID_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what W&B accepts as a run id
 
 
 def run_id(output_dir: Path) -> str:
     """The run's W&B id: the one in ``OUTPUT_DIR/wandb_id``, or a new one written there."""
     path = output_dir / ID_FILE
     if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+        kept = path.read_text().strip()
+        if not VALID_ID.fullmatch(kept):
+            raise MegamixError(f"{path}: not a W&B run id ({kept[:40]!r}); delete the file to start a new W&B run")
+        return kept
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own ids
     tmp = path.with_name(ID_FILE + ".tmp")
     tmp.write_text(new + "\n")
