@@ -40,7 +40,6 @@ class EvalError(MegamixError, ValueError):
     """A bad ``megamix lm-eval`` request."""
 
 
-
 def read_documents(path: str | os.PathLike) -> list[str]:
     """The documents of a text file as the task reads them: JSON lines (``.gz`` too) with a
     ``text`` field, or a ``.txt`` file as one document."""
