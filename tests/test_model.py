@@ -68,6 +68,12 @@ def attention_ref(block, x, cos, sin):
     q = (x @ a.q_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
     k = (x @ a.k_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
     v = (x @ a.v_proj.weight.T).view(b, s, -1, hd).transpose(1, 2)
+    return rope_attend(q, k, v, cos, sin) @ a.o_proj.weight.T
+
+
+def rope_attend(q, k, v, cos, sin):
+    """RoPE on q and k ([batch, heads, seq, head_dim]), then causal GQA attention; [batch, seq, hidden]."""
+    b, _, s, hd = q.shape
 
     def rot(t):  # pairs dimension j with j + hd/2 (the Hugging Face Llama layout)
         t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
@@ -78,8 +84,7 @@ def attention_ref(block, x, cos, sin):
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
     scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
-    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h)
-    return y @ a.o_proj.weight.T
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
 
 
 def mlp_ref(block, x):
@@ -279,17 +284,7 @@ def qkv_ref(block, x, cos, sin, norm_type, qk, v_form):
     q = project(a.q_proj.weight, getattr(a, "q_norm", None), qk)
     k = project(a.k_proj.weight, getattr(a, "k_norm", None), qk)
     v = project(a.v_proj.weight, getattr(a, "v_norm", None), v_form)
-
-    def rot(t):
-        t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
-        return t * cos + torch.cat([-t2, t1], -1) * sin
-
-    q, k = rot(q), rot(k)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h) @ a.o_proj.weight.T
+    return rope_attend(q, k, v, cos, sin) @ a.o_proj.weight.T
 
 
 # The q/k and v norms each scheme's paper uses (overridden where a case sets them).

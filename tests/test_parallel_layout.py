@@ -70,14 +70,20 @@ def test_stages_hold_their_global_layers_with_the_placement_alpha_gives():
     assert held == {0: [0], 1: [1, 2, 3], 2: [4, 5, 6, 7]}
 
 
-def test_chained_stages_compute_the_full_model():
-    cfg = load_config(None, TINY + ["norm.scheme=mix", "norm.alpha=0.5"])
+@pytest.mark.parametrize("overrides, num_stages", [
+    (["norm.scheme=mix", "norm.alpha=0.5"], 4),
+    (["norm.scheme=hybrid_star", "norm.embedding_norm=true"], 2),  # the embedding norm lives on stage 0 only
+], ids=["mix", "embedding_norm"])
+def test_chained_stages_compute_the_full_model(overrides, num_stages):
+    cfg = load_config(None, TINY + overrides)
     torch.manual_seed(0)
     model = Transformer(cfg.model, cfg.norm)
     tokens = torch.randint(0, 512, (2, 16))
     h = tokens
-    for stage in range(4):
-        h = keep_stage(copy.deepcopy(model), stage, 4)(h)
+    for stage in range(num_stages):
+        part = keep_stage(copy.deepcopy(model), stage, num_stages)
+        assert (getattr(part, "embed_norm", None) is not None) == (stage == 0 and cfg.norm.embedding_norm)
+        h = part(h)
     torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)
 
 
@@ -141,16 +147,3 @@ def test_attention_norms_under_tp2_pp2_shard_like_their_projections():
     assert first["layers.0.attention.q_norm.alpha"] == ((1,), False)
     assert first["layers.1.attention.v_norm.weight"] == ((8,), False)  # per head: head_dim, replicated
     assert first["embed_norm.weight"] == ((32,), False) and "embed_norm.weight" not in shapes[(1, 0)]
-
-
-def test_chained_stages_with_an_embedding_norm_compute_the_full_model():
-    cfg = load_config(None, TINY + ["norm.scheme=hybrid_star", "norm.embedding_norm=true"])
-    torch.manual_seed(0)
-    model = Transformer(cfg.model, cfg.norm)
-    tokens = torch.randint(0, 512, (2, 16))
-    h = tokens
-    for stage in range(2):
-        part = keep_stage(copy.deepcopy(model), stage, 2)
-        assert (part.embed_norm is not None) == (stage == 0)
-        h = part(h)
-    torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)
