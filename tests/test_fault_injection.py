@@ -148,10 +148,9 @@ def kill_moments(rng: random.Random) -> list[tuple[str, float, int]]:
     """(kind, delay in seconds, count) for each kill: ``start`` kills ``delay`` s after launch
     (Python's imports, the checkpoint load); ``step`` kills ``delay`` after the count-th step of
     this process; ``save`` kills ``delay`` after the count-th checkpoint write begins."""
-    kinds = ["save"] * (KILLS // 2) + ["step"] * (KILLS // 3) + ["start"] * (KILLS - KILLS // 2 - KILLS // 3)
-    rng.shuffle(kinds)  # half of the kills aimed at a checkpoint write, in a seeded random order
     moments = []
-    for kind in kinds:
+    for _ in range(KILLS):
+        kind = rng.choices(["start", "step", "save"], weights=[1, 3, 4])[0]
         if kind == "start":
             moments.append((kind, rng.uniform(0.3, 3.0), 0))
         elif kind == "step":
