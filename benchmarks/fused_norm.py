@@ -112,7 +112,7 @@ def liger_impl(kind: str, hidden: int, residual_mode: str, device, dtype) -> Imp
         if kind == "rms":
             module = _make(LigerRMSNorm, hidden, in_place=False).to(device, norm_dtype)
         else:
-            module = _make(LigerLayerNorm, hidden).to(device, norm_dtype)
+            module = _make(LigerLayerNorm, hidden, bias=True).to(device, norm_dtype)  # 0.8 defaults to none
 
         def forward(x, residual, w, b):
             s = stream_of(x, residual)

@@ -88,6 +88,7 @@ class ModelConfig:
     init_std: float = 0.02
     embed_init_std: float | None = None  # None: init_std (the MixLN reference used sqrt(2/5))
     scaled_init: bool = False  # output projections get init_std / sqrt(2 L)
+    embedding_scale: bool = False  # the embedding times a learned scalar initialized to sqrt(hidden) (DyT's LLaMA)
 
     @property
     def kv_heads(self) -> int:

@@ -117,7 +117,7 @@ def params_per_rank(cfg: Config, model: Transformer) -> dict[tuple[int, int], Ra
         layer = layer_of(name)
         if layer is not None:
             stage = layer_stage[layer]
-        elif name.startswith(("embed_tokens.", "embed_norm.")):
+        elif name.startswith(("embed_tokens.", "embed_scale.", "embed_norm.")):
             stage = 0
         else:  # final norm and head
             stage = num_stages - 1

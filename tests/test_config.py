@@ -39,6 +39,7 @@ BAD = [
     (["norm.type=dyt", "norm.dyt_alpha_attention=0"], "norm.dyt_alpha_attention", "positive"),
     (["norm.dyt_alpha_other=-0.2"], "norm.dyt_alpha_other", "positive"),
     (["norm.embedding_norm=1"], "norm.embedding_norm", "true or false"),
+    (["model.embedding_scale=2"], "model.embedding_scale", "true or false"),
     (["norm.layers=[pre, hybrid_star, pre, pre]"], "norm.layers[1]", "must be one of"),
 ]
 

@@ -135,6 +135,16 @@ def test_setup_py_runs_without_cuda(tmp_path):
 
 
 def test_load_extension_reports_why_not_on_cpu(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_prebuilt(name, *args):  # a CUDA torch with nvcc may have built it into the checkout
+        if name == build.EXTENSION:
+            raise ImportError(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_prebuilt)
     monkeypatch.setattr(build.torch.cuda, "is_available", lambda: False)
     loaded, why = build.load_extension()
     assert not loaded and why == "no CUDA device"

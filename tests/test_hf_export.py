@@ -33,10 +33,11 @@ SCHEMES = {
     "mix_layernorm": ["norm.scheme=mix", "norm.alpha=0.25", "norm.type=layernorm"],
     "explicit_tied": ["norm.layers=[post,peri,lns,deepnorm]", "model.tie_embeddings=true"],
     # OLMo 2 (full QK-norm), HybridNorm (per-head QKV-norm), HybridNorm*'s first block, Peri-LN with
-    # its embedding norm; DyT in every norm, q and k's over the whole projection.
+    # its embedding norm; DyT in every norm, q and k's over the whole projection, the embedding
+    # times a learned scalar as the DyT authors' LLaMA.
     "new_placements": ["norm.layers=[hybrid_first,olmo2,hybrid,peri]", "norm.embedding_norm=true",
                        "norm.type=layernorm"],
-    "dyt_hybrid_star": ["norm.type=dyt", "norm.scheme=hybrid_star", "norm.qk_norm=full"],
+    "dyt_hybrid_star": ["norm.type=dyt", "norm.scheme=hybrid_star", "norm.qk_norm=full", "model.embedding_scale=true"],
 }
 NEW_NORMS = ["new_placements", "dyt_hybrid_star"]
 
@@ -123,19 +124,21 @@ def test_new_norms_round_trip_through_the_importer(checkpoint, tmp_path, scheme)
     assert ([attention_norms(cfg_back.norm, s) for s in back.schemes]
             == [attention_norms(cfg.norm, s) for s in ours.schemes])
     assert (cfg_back.norm.type, cfg_back.norm.embedding_norm) == (cfg.norm.type, cfg.norm.embedding_norm)
+    assert cfg_back.model.embedding_scale == cfg.model.embedding_scale
     mine, theirs = ours.state_dict(), back.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_only_plain_pre_ln_rmsnorm_is_stock_llama():
-    """A norm on q, k, v or the embedding, or DyT, makes a Pre-LN model a megamix export."""
+    """A norm on q, k, v or the embedding, an embedding scale, or DyT, makes a Pre-LN model a megamix export."""
     from megamix.config import ModelConfig, NormConfig
     from megamix.hf.adapter import hf_config, is_stock_llama
 
-    assert is_stock_llama(NormConfig(), 4)
+    assert is_stock_llama(ModelConfig(num_layers=4), NormConfig())
     for norm in (NormConfig(qk_norm="per_head"), NormConfig(v_norm="full"), NormConfig(embedding_norm=True),
                  NormConfig(type="dyt"), NormConfig(scheme="hybrid_first")):
-        assert not is_stock_llama(norm, 4)
+        assert not is_stock_llama(ModelConfig(num_layers=4), norm)
+    assert not is_stock_llama(ModelConfig(num_layers=4, embedding_scale=True), NormConfig())
     fields = hf_config(ModelConfig(num_layers=2), NormConfig(qk_norm="per_head", embedding_norm=True))
     assert fields["model_type"] == "megamix" and fields["embedding_norm"]
     assert [(row["qk_norm"], row["v_norm"]) for row in fields["layer_norms"]] == [("per_head", "none")] * 2

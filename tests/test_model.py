@@ -428,3 +428,26 @@ def test_dyt_starts_from_the_papers_alpha_for_attention_and_the_rest():
     model = Transformer(*_small(["norm.type=dyt", "norm.dyt_alpha_attention=0.6", "norm.dyt_alpha_other=0.15"]))
     assert model.layers["2"].attention_norm.alpha.item() == pytest.approx(0.6)
     assert model.layers["2"].mlp_norm.alpha.item() == model.norm.alpha.item() == pytest.approx(0.15)
+
+
+def test_the_embedding_scale_starts_at_sqrt_d_and_multiplies_the_embedding():
+    """``model.embedding_scale`` (the DyT authors' LLaMA): y0 = s · E[x] with a learned scalar s,
+    s0 = √d.  The reference is the same model without the scale whose table is s · E: equal
+    logits, and dL/ds = Σ dL/d(sE) ⊙ E over the table (the chain rule, written here)."""
+    scaled = Transformer(*_small(["model.embedding_scale=true", "norm.type=dyt", "norm.scheme=peri",
+                                  "norm.embedding_norm=true"])).double()
+    assert scaled.embed_scale.weight.item() == pytest.approx(math.sqrt(32))
+    plain = Transformer(*_small(["norm.type=dyt", "norm.scheme=peri", "norm.embedding_norm=true"])).double()
+    with torch.no_grad():
+        scaled.embed_scale.weight.fill_(1.7)
+        plain.load_state_dict({k: v for k, v in scaled.state_dict().items() if not k.startswith("embed_scale.")})
+        plain.embed_tokens.weight.mul_(1.7)
+    tokens = torch.randint(0, 64, (2, 12))
+    targets = torch.randint(0, 64, (2, 12))
+    losses = [F.cross_entropy(m(tokens).flatten(0, 1), targets.flatten()) for m in (scaled, plain)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    for loss in losses:
+        loss.backward()
+    want = (plain.embed_tokens.weight.grad * scaled.embed_tokens.weight.detach()).sum()
+    torch.testing.assert_close(scaled.embed_scale.weight.grad[0], want, rtol=1e-10, atol=1e-12)
+    assert "embed_scale.weight" not in dict(Transformer(*_small([])).named_parameters())

@@ -72,7 +72,8 @@ def test_stages_hold_their_global_layers_with_the_placement_alpha_gives():
 
 @pytest.mark.parametrize("overrides, num_stages", [
     (["norm.scheme=mix", "norm.alpha=0.5"], 4),
-    (["norm.scheme=hybrid_star", "norm.embedding_norm=true"], 2),  # the embedding norm lives on stage 0 only
+    # the embedding's norm and scale live on stage 0 only
+    (["norm.scheme=hybrid_star", "norm.embedding_norm=true", "model.embedding_scale=true"], 2),
 ], ids=["mix", "embedding_norm"])
 def test_chained_stages_compute_the_full_model(overrides, num_stages):
     cfg = load_config(None, TINY + overrides)
@@ -83,6 +84,7 @@ def test_chained_stages_compute_the_full_model(overrides, num_stages):
     for stage in range(num_stages):
         part = keep_stage(copy.deepcopy(model), stage, num_stages)
         assert (getattr(part, "embed_norm", None) is not None) == (stage == 0 and cfg.norm.embedding_norm)
+        assert (getattr(part, "embed_scale", None) is not None) == (stage == 0 and cfg.model.embedding_scale)
         h = part(h)
     torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)
 

@@ -32,8 +32,8 @@ from megamix.schemes import (
 class HFFormatError(MegamixError, ValueError):
     """A Hugging Face ``config.json`` describes a model megamix cannot represent."""
 
-_TOP_LEVEL = {"embed_tokens": "model.embed_tokens", "embed_norm": "model.embed_norm", "norm": "model.norm",
-              "lm_head": "lm_head"}
+_TOP_LEVEL = {"embed_tokens": "model.embed_tokens", "embed_scale": "model.embed_scale",
+              "embed_norm": "model.embed_norm", "norm": "model.norm", "lm_head": "lm_head"}
 _SUBLAYER_MODULES = {"attention": "self_attn", "mlp": "mlp"}
 _OURS = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
 _THEIRS = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$")
@@ -98,11 +98,12 @@ def layer_norm_rows(norm: NormConfig, num_layers: int) -> list[dict]:
     return rows
 
 
-def is_stock_llama(norm: NormConfig, num_layers: int) -> bool:
-    """Every layer plain Pre-LN with RMSNorm, no norms in attention, none on the embedding:
-    transformers' own LlamaForCausalLM is this model."""
-    schemes = layer_schemes(norm, num_layers)
-    return (norm.type == "rmsnorm" and not norm.embedding_norm and all(scheme == Scheme.PRE.value for scheme in schemes)
+def is_stock_llama(model: ModelConfig, norm: NormConfig) -> bool:
+    """Every layer plain Pre-LN with RMSNorm, no norms in attention, nothing on the embedding (no
+    norm, no scale): transformers' own LlamaForCausalLM is this model."""
+    schemes = layer_schemes(norm, model.num_layers)
+    return (norm.type == "rmsnorm" and not norm.embedding_norm and not model.embedding_scale
+            and all(scheme == Scheme.PRE.value for scheme in schemes)
             and all(attention_norms(norm, scheme) == ("none", "none") for scheme in schemes))
 
 
@@ -128,7 +129,7 @@ def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
         "mlp_bias": False,
         "initializer_range": model.init_std,
     }
-    if not is_stock_llama(norm, model.num_layers):
+    if not is_stock_llama(model, norm):
         fields.update(
             architectures=["MegamixForCausalLM"],
             model_type="megamix",
@@ -136,6 +137,7 @@ def hf_config(model: ModelConfig, norm: NormConfig) -> dict:
             layer_norms=layer_norm_rows(norm, model.num_layers),
             norm_type=norm.type,
             embedding_norm=norm.embedding_norm,
+            embedding_scale=model.embedding_scale,
         )
     return fields
 
@@ -179,6 +181,7 @@ def config_from_hf(fields: dict) -> dict:
             "norm_eps": float(fields.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(fields.get("tie_word_embeddings", False)),
             "init_std": float(fields.get("initializer_range", 0.02)),
+            "embedding_scale": model_type == "megamix" and bool(fields.get("embedding_scale", False)),
         },
         "norm": norm,
         "data": {"seq_len": min(256, max_seq_len)},

@@ -210,7 +210,7 @@ def write_configs(directory: Path, cfg: Config, dtype: torch.dtype, special: Spe
     tokens = {k: v for k, v in tokens.items() if v is not None}
     fields.update(tokens, dtype=str(dtype).removeprefix("torch."), use_cache=True)
     fields.update(reference_fields(cfg.model, cfg.norm))  # the reference code's NORM_TYPE/POST_NUM for it
-    if not is_stock_llama(cfg.norm, cfg.model.num_layers):
+    if not is_stock_llama(cfg.model, cfg.norm):
         fields["auto_map"] = _AUTO_MAP
         shutil.copyfile(MODELING_FILE, directory / MODELING_FILE.name)
     (directory / "config.json").write_text(json.dumps(fields, indent=2) + "\n")

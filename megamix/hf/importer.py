@@ -234,7 +234,7 @@ def verify_import(hf_dir: str | os.PathLike, cfg: Config, model: Transformer,
     pad = fields.get("pad_token_id")
     if isinstance(pad, int) and not 0 <= pad < cfg.model.vocab_size:
         fields.pop("pad_token_id")  # the reference's -1: a padding row only matters for training
-    if is_stock_llama(cfg.norm, cfg.model.num_layers) and fields.get("model_type") == "llama":
+    if is_stock_llama(cfg.model, cfg.norm) and fields.get("model_type") == "llama":
         config_class, model_class = LlamaConfig, LlamaForCausalLM
     else:
         from megamix.hf import modeling_megamix

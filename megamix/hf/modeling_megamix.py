@@ -30,7 +30,8 @@ transformers' own.
 
 ``config.norm_type`` is ``rmsnorm``, ``layernorm`` (with bias) or ``dyt`` (``weight ⊙ tanh(alpha ·
 x) + bias``, alpha a learned scalar), ``config.rms_norm_eps`` the epsilon of every norm;
-``config.embedding_norm`` puts a norm (``model.embed_norm``) on the embedding's output, and a final
+``config.embedding_scale`` multiplies the embedding by a learned scalar (``model.embed_scale``),
+``config.embedding_norm`` puts a norm (``model.embed_norm``) on the (scaled) embedding, and a final
 norm precedes the LM head.  Pre-LN and Post-LN layers use the Mix-LN reference code's weight names,
 so its checkpoints and these exports are interchangeable.
 """
@@ -66,6 +67,7 @@ class MegamixConfig(LlamaConfig):
     layer_schemes: list[str] | None = None  # the rows' scheme names, for people reading config.json
     norm_type: str = "rmsnorm"
     embedding_norm: bool = False
+    embedding_scale: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -97,6 +99,17 @@ class DyT(nn.Module):
         dtype = x.dtype
         y = torch.tanh(self.alpha.float() * x.float()) * self.weight.float() + self.bias.float()
         return y.to(dtype)
+
+
+class Scale(nn.Module):
+    """``x · weight``, weight a learned scalar (the embedding's, with ``config.embedding_scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
 
 
 def make_norm(config: MegamixConfig, dim: int | None = None) -> nn.Module:
@@ -186,18 +199,23 @@ class MegamixModel(LlamaModel):
     def __init__(self, config: MegamixConfig):
         super().__init__(config)
         self.layers = nn.ModuleList(MegamixDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_scale = Scale() if config.embedding_scale else None
         self.embed_norm = make_norm(config) if config.embedding_norm else None
         self.norm = make_norm(config)
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs):
-        """Llama's forward; with an embedding norm the embeddings (given or looked up) are normalized
-        first: y0 = N(E[x])."""
-        if self.embed_norm is not None:
+        """Llama's forward; the embeddings (given or looked up) are first scaled, y0 = s·E[x], and
+        normalized, y0 = N(E[x]), where the config says so."""
+        if self.embed_scale is not None or self.embed_norm is not None:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_tokens(input_ids)
-            inputs_embeds, input_ids = self.embed_norm(inputs_embeds), None
+            if self.embed_scale is not None:
+                inputs_embeds = self.embed_scale(inputs_embeds)
+            if self.embed_norm is not None:
+                inputs_embeds = self.embed_norm(inputs_embeds)
+            input_ids = None
         return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
 

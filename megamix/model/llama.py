@@ -6,7 +6,7 @@ norms go from its layer scheme's row in :data:`megamix.schemes.SCHEMES` — and 
 here knows about parallelism: tensor, pipeline and data parallelism are applied to this model from
 outside by ``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
 ``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding, its
-norm, the final norm and the head may be ``None`` on stages that do not hold them.  One to tensor
+scale and norm, the final norm and the head may be ``None`` on stages that do not hold them.  One to tensor
 parallelism: a norm on q, k or v may be handed a ``split`` saying how its features are divided.)
 """
 
@@ -161,12 +161,28 @@ class Block(nn.Module):
         return [m for m in self.modules() if isinstance(m, Norm)]
 
 
+class Scale(nn.Module):
+    """A learned scalar multiplier (``model.embedding_scale``: the embedding times s, s₀ = √d)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.init = init
+        self.weight = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.init)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, norm: NormConfig):
         super().__init__()
         self.cfg, self.norm_cfg = cfg, norm
         self.schemes = layer_schemes(norm, cfg.num_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_scale = Scale(math.sqrt(cfg.hidden_size)) if cfg.embedding_scale else None
         # Peri-LN's y0 = N(E[x]); on the first pipeline stage, with the embedding.
         self.embed_norm = (Norm(cfg.hidden_size, norm.type, cfg.norm_eps, alpha=norm.dyt_alpha_other)
                            if norm.embedding_norm else None)
@@ -202,10 +218,12 @@ class Transformer(nn.Module):
         return self.lm_head(h) if self.lm_head is not None else h
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The residual stream entering layer 0: the embedding (normalized with
-        ``norm.embedding_norm``), in ``stream_dtype`` at least."""
+        """The residual stream entering layer 0: the embedding (scaled with
+        ``model.embedding_scale``, normalized with ``norm.embedding_norm``), in ``stream_dtype`` at least."""
         x = self.embed_tokens(tokens)
         x = x.to(torch.promote_types(x.dtype, self.stream_dtype))
+        if self.embed_scale is not None:
+            x = self.embed_scale(x)
         return self.embed_norm(x) if self.embed_norm is not None else x
 
     @torch.no_grad()
@@ -219,9 +237,9 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed_tokens.weight, std=cfg.embed_init_std or cfg.init_std)
         if self.lm_head is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        for norm in (self.embed_norm, self.norm):
-            if norm is not None:
-                norm.reset_parameters()
+        for module in (self.embed_scale, self.embed_norm, self.norm):
+            if module is not None:
+                module.reset_parameters()
         for block in self.layers.values():
             INIT_RULES[SCHEMES[block.scheme].init](block, cfg, self.norm_cfg)
             for norm in block.norms():

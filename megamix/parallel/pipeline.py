@@ -34,13 +34,14 @@ LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": 
 
 def keep_stage(model: Transformer, stage: int, num_stages: int, stage_layers: list[int] | None = None) -> Transformer:
     """Reduce ``model`` in place to pipeline stage ``stage``: its layers (by global index), the
-    embedding (and its norm) on the first stage, the final norm and head on the last."""
+    embedding (its scale and norm) on the first stage, the final norm and head on the last."""
     layer_stage = stage_of_layers(model.cfg.num_layers, num_stages, stage_layers)
     for key in list(model.layers.keys()):
         if layer_stage[int(key)] != stage:
             del model.layers[key]
     if stage != 0:
         model.embed_tokens = None
+        model.embed_scale = None
         model.embed_norm = None
     if stage != num_stages - 1:
         model.norm = None
@@ -59,6 +60,7 @@ class RankModel(nn.Module):
         super().__init__()
         self.schemes = stages[0].schemes
         self.embed_tokens = next((s.embed_tokens for s in stages if s.embed_tokens is not None), None)
+        self.embed_scale = next((s.embed_scale for s in stages if s.embed_scale is not None), None)
         self.embed_norm = next((s.embed_norm for s in stages if s.embed_norm is not None), None)
         self.layers = nn.ModuleDict({key: block for s in stages for key, block in s.layers.items()})
         self.norm = next((s.norm for s in stages if s.norm is not None), None)

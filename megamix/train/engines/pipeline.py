@@ -34,8 +34,10 @@ class PipelineEngine(PlainEngine):
     def run_schedule(self, micro_batches: list[torch.Tensor], train: bool) -> list[torch.Tensor]:
         """One pass of the schedule over the micro-batches; their losses on the last stage."""
         tokens = torch.cat(micro_batches)
-        args = (tokens[:, :-1],) if self.first_stage else ()
-        targets = tokens[:, 1:] if self.last_stage else None
+        # Contiguous: a stage checks its input's strides against the shapes it was built for
+        # (torch 2.11's pipelining rejects the (seq + 1)-strided view).
+        args = (tokens[:, :-1].contiguous(),) if self.first_stage else ()
+        targets = tokens[:, 1:].contiguous() if self.last_stage else None
         losses: list[torch.Tensor] = []
         with self.loss_context(), self.autocast():
             (self.schedule.step if train else self.schedule.eval)(*args, target=targets, losses=losses)
