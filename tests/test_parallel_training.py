@@ -144,13 +144,16 @@ def test_zero3_frees_gathered_weights_after_forward_and_zero2_keeps_them(two_pro
 # HybridNorm (per-head q, k, v norms) and Peri-LN with its embedding norm on the first stage, under
 # sequence parallelism; then DyT in every norm (and a full V-norm) without it, where the gradients
 # of the replicated parameters of q, k, v's norms are summed over the tensor ranks in the backward.
-# Both scale the embedding by a learned scalar (under sequence parallelism its gradient is a partial
-# sum over each rank's tokens).
+# The embedding times a learned scalar, under sequence parallelism (its gradient a partial sum over
+# each rank's tokens; Pre-LN, because a norm on the embedding or a Post-LN first layer removes the
+# scale and leaves that gradient ~0, rounding noise) and beside DyT's embedding norm.
 
 EIGHT = ["model.num_layers=8"]
 NEW_NORMS = {
-    "tp2_pp2_sp_new_placements": (["norm.layers=[hybrid_first,olmo2,hybrid,peri]", "norm.embedding_norm=true",
-                                   "model.embedding_scale=true"], ["parallel.sequence_parallel=true"]),
+    "tp2_pp2_sp_new_placements": (["norm.layers=[hybrid_first,olmo2,hybrid,peri]", "norm.embedding_norm=true"],
+                                  ["parallel.sequence_parallel=true"]),
+    "tp2_pp2_sp_embedding_scale": (["norm.scheme=pre", "model.embedding_scale=true"],
+                                   ["parallel.sequence_parallel=true"]),
     "tp2_pp2_dyt": (["norm.type=dyt", "norm.layers=[olmo2,hybrid,post,pre]", "norm.v_norm=full",
                      "norm.embedding_norm=true", "model.embedding_scale=true"], []),
 }
