@@ -129,6 +129,39 @@ def test_eval_runs_an_exports_code_only_when_it_is_megamixs_own_or_trusted(tiny_
         trust_remote_code(out)
 
 
+def test_exports_of_earlier_megamix_versions_stay_trusted(tiny_config, tmp_path, monkeypatch):
+    """An export's modeling file that is an earlier megamix's (its SHA-256 listed) is trusted; the
+    list holds every version in this checkout's git history, so changing the file means listing
+    the old one."""
+    import hashlib
+    import subprocess
+
+    pytest.importorskip("transformers")
+    from megamix.hf import harness
+    from megamix.hf.export import export_checkpoint
+
+    Trainer(tiny_config("train.steps=2", "norm.scheme=post")).run()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    modeling = out / "modeling_megamix.py"
+    older = modeling.read_bytes().replace(b"A LLaMA whose blocks", b"A LLaMA, whose blocks")
+    modeling.write_bytes(older)
+    with pytest.raises(harness.RemoteCodeError):
+        harness.trust_remote_code(out)
+    monkeypatch.setattr(harness, "EARLIER_MODELING_SHA256", frozenset({hashlib.sha256(older).hexdigest()}))
+    assert harness.trust_remote_code(out) is True
+    monkeypatch.undo()
+
+    path = "megamix/hf/modeling_megamix.py"
+    log = subprocess.run(["git", "log", "--format=%H", "--", path], cwd=ROOT, capture_output=True, text=True)
+    if log.returncode != 0 or not log.stdout.strip():
+        pytest.skip("not a git checkout with history")
+    current = (ROOT / path).read_bytes()
+    for commit in log.stdout.split():
+        data = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
+        if data != current:
+            assert hashlib.sha256(data).hexdigest() in harness.EARLIER_MODELING_SHA256, commit
+
+
 # ----------------------------------------------------------------------------------------------
 # Nothing a user changes is silently ignored.
 

@@ -67,12 +67,31 @@ class RemoteCodeError(MegamixError, ValueError):
     """An export ships Python that megamix has not been told to trust."""
 
 
+# SHA-256 of every earlier version of megamix's own modeling_megamix.py, so that exports written by
+# earlier megamix versions stay trusted (tests/test_trust.py checks this list against git history:
+# a change to the file must add the digest of the version it replaces).
+EARLIER_MODELING_SHA256 = frozenset({
+    "f54ff010597f34999661817ad7bf6ee63fefab9179c963ea149ecbc95f49a224",
+    "90be90ac6bb892f5ada894e8ab8fcd1e2ac4762eff23975d8d10ea01422803dc",
+    "6e19514589975fe40e3e4acb72271125219ec86ef8ee6508112e44a8184ccb6b",
+})
+
+
+def is_megamix_modeling_file(path: Path) -> bool:
+    """Whether ``path`` is byte for byte this megamix's ``modeling_megamix.py`` or an earlier one's."""
+    import hashlib
+
+    data = path.read_bytes()
+    return data == MODELING_FILE.read_bytes() or hashlib.sha256(data).hexdigest() in EARLIER_MODELING_SHA256
+
+
 def trust_remote_code(export_dir: str | os.PathLike, explicitly: bool = False) -> bool:
     """Whether loading the export runs its own Python, and whether that is allowed.
 
     A stock Llama export runs none.  An export with an ``auto_map`` runs its modeling file: allowed
     when the user says so (``--trust-remote-code``), or when the code is exactly megamix's own
-    ``modeling_megamix.py`` (byte for byte) and the config names nothing else.  Otherwise loading
+    ``modeling_megamix.py`` (byte for byte, this version's or an earlier megamix's) and the config
+    names nothing else.  Otherwise loading
     would execute a stranger's code, so it is refused with a named error.
     """
     export_dir = Path(export_dir)
@@ -85,12 +104,11 @@ def trust_remote_code(export_dir: str | os.PathLike, explicitly: bool = False) -
         return False
     if explicitly:
         return True
-    ours = MODELING_FILE.read_bytes()
     theirs = export_dir / MODELING_FILE.name
     targets = {v for m in maps.values() for v in (m.values() if isinstance(m, dict) else [m])
                for v in (v if isinstance(v, list) else [v]) if v}
     only_ours = all(isinstance(t, str) and t.split(".")[0] == MODELING_FILE.stem for t in targets)
-    if only_ours and not maps.get("tokenizer_config.json") and theirs.is_file() and theirs.read_bytes() == ours:
+    if only_ours and not maps.get("tokenizer_config.json") and theirs.is_file() and is_megamix_modeling_file(theirs):
         return True
     raise RemoteCodeError(
         f"{export_dir} ships Python code (auto_map: {sorted(map(str, targets))}) that is not megamix's own "
