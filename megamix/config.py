@@ -36,6 +36,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16", "bf16_pure")  # bf16: mixed (fp32 master weights); bf16_pure: the reference's
 NONFINITE = ("stop", "skip")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager/eager: tracing without code generation (debugging)
 LR_SCHEDULES = ("cosine", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 TEXT_TASK = "megamix_text_perplexity"  # lm-eval's perplexity of a local text (megamix/hf/lm_eval_tasks)
@@ -219,6 +220,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0: no clipping (the Mix-LN recipe); the norm is still logged
     precision: str = "fp32"
     compile: bool = False  # torch.compile each transformer block
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager | eager
     seed: int = 42
     log_interval: int = 10
     eval_interval: int = 100
@@ -687,6 +689,7 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
                           "them) runs in one process or with parallel.engine: fsdp2; megamix's DeepSpeed engine "
                           "keeps fp32 parameters under the trainer's autocast")
     _choice("train.nonfinite", t.nonfinite, NONFINITE)
+    _choice("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
     if t.nonfinite == "skip" and p.engine == "deepspeed":
         raise ConfigError("train.nonfinite", "DeepSpeed steps inside its engine and cannot skip a step; use stop")
     for i, key in enumerate(t.accept_changes or []):

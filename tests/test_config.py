@@ -40,6 +40,7 @@ BAD = [
     (["norm.dyt_alpha_other=-0.2"], "norm.dyt_alpha_other", "positive"),
     (["norm.embedding_norm=1"], "norm.embedding_norm", "true or false"),
     (["model.embedding_scale=2"], "model.embedding_scale", "true or false"),
+    (["train.compile_backend=tvm"], "train.compile_backend", "must be one of"),
     (["norm.layers=[pre, hybrid_star, pre, pre]"], "norm.layers[1]", "must be one of"),
 ]
 

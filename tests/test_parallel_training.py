@@ -115,6 +115,14 @@ def two_process_cases(data: Path) -> list[dict]:
     cases.append(case("tp2_sp_selective_ac", data, MIX, ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                          "parallel.activation_checkpoint=selective"]))
     cases.append(case("dp2_zero3_full_ac", data, MIX, ["parallel.zero=3", "parallel.activation_checkpoint=full"]))
+    # train.compile over tensor-parallel blocks whose q and k norms span the ranks (OLMo 2: their
+    # statistics are all-reduced inside the graph) and per-head v norms, with and without sequence
+    # parallelism; aot_eager traces forward and backward as inductor would, without its C++ build.
+    for sp in (False, True):
+        cases.append(case("tp2_sp_compiled_attention_norms" if sp else "tp2_compiled_attention_norms", data,
+                          ["norm.scheme=olmo2", "norm.v_norm=per_head"],
+                          ["parallel.tp=2", f"parallel.sequence_parallel={str(sp).lower()}", "train.compile=true",
+                           "train.compile_backend=aot_eager"]))
     return cases
 
 

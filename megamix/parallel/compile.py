@@ -12,7 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile every block of ``model`` (a whole model or a pipeline stage) in place."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile every block of ``model`` (a whole model or a pipeline stage) in place, with
+    ``backend`` (``train.compile_backend``; ``aot_eager`` traces forward and backward as inductor
+    would but runs them eagerly: what the CPU tests use, and a debugging step on a GPU)."""
     for block in model.layers.values():
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, backend=backend)

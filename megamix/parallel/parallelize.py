@@ -86,7 +86,7 @@ def build_model_parts(cfg: Config, mesh: ParallelMesh, device: torch.device, ini
                 module.lm_head.weight = module.embed_tokens.weight
         apply_activation_checkpoint(module, p.activation_checkpoint)
         if cfg.train.compile:
-            apply_compile(module)
+            apply_compile(module, cfg.train.compile_backend)
         if p.dp > 1:
             apply_data_parallel(module, mesh.dp_mesh, p.zero, cfg.train.precision)
         if init == "meta":

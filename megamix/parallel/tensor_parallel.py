@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
@@ -46,6 +47,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     if model.embed_tokens is not None:
         embedding = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
         parallelize_module(model.embed_tokens, tp_mesh, embedding)
+        model.embed_tokens.register_forward_hook(_completed)
     for block in model.layers.values():
         plan = {
             # One gather (or, without SP, one identity) feeds q/k/v: its backward sums their partial
@@ -69,6 +71,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     if model.lm_head is not None:
         head = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
         parallelize_module(model.lm_head, tp_mesh, head)
+
+
+def _completed(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The embedding's output once its asynchronous all-reduce (reduce-scatter under sequence
+    parallelism) has finished: a plain tensor, not torch's lazy ``AsyncCollectiveTensor``.  A block
+    compiled by ``train.compile`` must not take that wrapper as its input: its gradient would reach
+    the collective's backward as a plain tensor and fail.  (The copy is one [batch, seq, hidden].)"""
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
 
 
 class _SumOverRanks(torch.autograd.Function):

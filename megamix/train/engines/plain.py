@@ -44,7 +44,7 @@ class PlainEngine(Engine):
             if cfg.train.compile:
                 from megamix.parallel.compile import apply_compile
 
-                apply_compile(self.model)
+                apply_compile(self.model, cfg.train.compile_backend)
         else:
             from megamix.parallel.parallelize import build_model_parts
 
