@@ -500,6 +500,9 @@ def _validate_deepspeed(p: ParallelConfig, t: TrainConfig) -> None:
     if t.async_save:
         raise ConfigError("train.async_save", "DeepSpeed writes its checkpoints synchronously; "
                           "set train.async_save: false (or use parallel.engine: fsdp2)")
+    if t.compile:
+        raise ConfigError("train.compile", "megamix compiles blocks under parallel.engine: fsdp2 only "
+                          "(DeepSpeed's ZeRO hooks are not traced); set train.compile: false")
     for key in p.deepspeed or {}:
         if key in DEEPSPEED_RESERVED_KEYS:
             raise ConfigError(f"parallel.deepspeed.{key}", "set by megamix from train.* (batch sizes, AdamW, "

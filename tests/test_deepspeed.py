@@ -65,6 +65,7 @@ def test_deepspeed_config_is_generated_from_ours_with_user_keys_merged_last():
      "parallel.deepspeed.train_batch_size"),
     (DEEPSPEED + ["parallel.zero=2", "parallel.deepspeed=[1]"], "parallel.deepspeed"),
     (DEEPSPEED + ["parallel.zero=2", "train.async_save=true"], "train.async_save"),
+    (DEEPSPEED + ["parallel.zero=2", "train.compile=true"], "train.compile"),
     (["parallel.zero=2", "parallel.offload=cpu"], "parallel.offload"),  # fsdp2 does not offload
     (["parallel.zero=1"], "parallel.zero"),  # ZeRO-1 is DeepSpeed's
 ])
@@ -126,6 +127,7 @@ def cases(data: Path) -> list[dict]:
         case(data, "zero3", ["parallel.zero=3"], steps=3),
         case(data, "zero1_offload", ["parallel.zero=1", "parallel.offload=cpu"], steps=3),
         case(data, "zero3_offload", ["parallel.zero=3", "parallel.offload=cpu"], steps=3),
+        case(data, "zero3_full_ac", ["parallel.zero=3", "parallel.activation_checkpoint=full"], steps=3),
         case(data, "full", RESUME, FIVE_STEPS, run=True),
         case(data, "stopped", RESUME, FIVE_STEPS, output="resumed", run=True, signal_at=3),  # SIGUSR1 at 3 ...
         case(data, "resumed", RESUME, FIVE_STEPS, run=True),  # ... requeued: continues from its checkpoint
@@ -166,7 +168,7 @@ def result(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2_clipped", "zero3", "zero1_offload", "zero3_offload"])
+@pytest.mark.parametrize("name", ["zero1", "zero2_clipped", "zero3", "zero1_offload", "zero3_offload", "zero3_full_ac"])
 def test_zero_stage_matches_single_process(data, world, name):
     out, specs = world
     records, evaluation, _ = reference(str(data), tuple(specs[name]["model"]), 3)

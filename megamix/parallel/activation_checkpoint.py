@@ -3,17 +3,20 @@
 ``full`` keeps only each block's input and recomputes the whole block in backward.  ``selective``
 keeps what is expensive to recompute (matmul and attention outputs, and the results of collectives
 so that tensor-parallel communication is not repeated) and recomputes the cheap elementwise work:
-norms, rotary embeddings, SiLU and the residual adds.  Both use torch's composable checkpoint, which
-hooks the block instead of wrapping it, so parameter names (and checkpoints) do not change.
+norms, rotary embeddings, SiLU and the residual adds.  Both run the block's ``forward`` inside
+torch's non-reentrant ``torch.utils.checkpoint`` (set on the block instance, so parameter names and
+checkpoints do not change), which ``torch.compile`` traces as part of the block's graph
+(``train.compile``; torch's hook-based composable checkpoint cannot be traced with ``fullgraph``).
 """
 
 from __future__ import annotations
 
+import types
 from functools import partial
 
 import torch
-from torch.distributed._composable import checkpoint
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megamix.model import Transformer
 
@@ -43,7 +46,14 @@ def apply_activation_checkpoint(model: Transformer, mode: str) -> None:
     if mode not in ("full", "selective"):
         raise ValueError(f"unknown activation checkpoint mode {mode!r}")
     for block in model.layers.values():
-        if mode == "full":
-            checkpoint(block)
-        else:
-            checkpoint(block, context_fn=partial(create_selective_checkpoint_contexts, _save_expensive_ops))
+        block.forward = types.MethodType(_checkpointed_forward, block)
+        block.checkpoint_mode = mode
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    """The block's own forward, its activations recomputed in the backward (all of them, or only
+    the cheap ones for ``selective``)."""
+    extra = {}
+    if block.checkpoint_mode == "selective":
+        extra["context_fn"] = partial(create_selective_checkpoint_contexts, _save_expensive_ops)
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **extra, **kwargs)

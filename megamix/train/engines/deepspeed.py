@@ -46,6 +46,7 @@ from megamix.checkpoint.deepspeed import import_deepspeed, weights_only_loading
 from megamix.checkpoint.files import DEEPSPEED_TAG, checkpoint_format
 from megamix.config import Config
 from megamix.model import Transformer, lm_loss, num_parameters
+from megamix.parallel.activation_checkpoint import apply_activation_checkpoint
 from megamix.parallel.grad_norm import layer_grad_norms
 from megamix.train.engines.base import Engine, StepStats, forward_rounds, sum_over_world
 from megamix.train.optim import build_optimizer
@@ -110,6 +111,7 @@ class DeepSpeedEngine(Engine):
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model, cfg.norm).to(device)
         self.num_params = num_parameters(model)
+        apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
         self.optimizer = build_optimizer(model, cfg.train)  # DeepSpeed partitions its states; lr is set on it
         self.config = deepspeed_config(cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config)

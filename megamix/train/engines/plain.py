@@ -35,12 +35,14 @@ class PlainEngine(Engine):
 
             self.mesh = ParallelMesh.from_config(cfg, device.type)
         if self.mesh is None:
+            from megamix.parallel.activation_checkpoint import apply_activation_checkpoint
             from megamix.parallel.precision import apply_precision
 
             torch.manual_seed(cfg.train.seed)
             self.model = apply_precision(Transformer(cfg.model, cfg.norm), cfg.train.precision).to(device)
             self.stages, self.stage_ids = [self.model], [0]
             self.num_params = num_parameters(self.model)
+            apply_activation_checkpoint(self.model, cfg.parallel.activation_checkpoint)  # then compile, as parallelize
             if cfg.train.compile:
                 from megamix.parallel.compile import apply_compile
 
