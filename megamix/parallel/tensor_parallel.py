@@ -81,6 +81,14 @@ def _completed(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
     return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
 
 
+def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The sum of ``t`` over ``group``, out of place, with torch's functional collectives: what
+    ``torch.compile`` traces faithfully inside a compiled block (torch 2.11 lost the in-place
+    ``dist.all_reduce`` of a custom backward there, so the gradients came out unsummed)."""
+    out = torch.ops._c10d_functional.all_reduce(t, "sum", group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) in the forward; the gradient, which each rank has only for its own use of
     the sum, is all-reduced in the backward."""
@@ -88,15 +96,11 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        out = t.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return _all_reduce_sum(t, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _all_reduce_sum(grad, ctx.group), None
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -110,9 +114,7 @@ class _SumGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _all_reduce_sum(grad, ctx.group), None
 
 
 class ColumnSplit:
