@@ -24,8 +24,8 @@ TORCH=2.11.0 TRANSFORMERS=5.17.0 TESTS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --tests) TESTS=1 ;;
-    --torch) TORCH=$2; shift ;;
-    --transformers) TRANSFORMERS=$2; shift ;;
+    --torch) TORCH=${2:?--torch needs a version}; shift ;;
+    --transformers) TRANSFORMERS=${2:?--transformers needs a version}; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift

@@ -18,6 +18,7 @@ token-level perplexity), so the two can be compared number for number.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -79,8 +80,6 @@ EARLIER_MODELING_SHA256 = frozenset({
 
 def is_megamix_modeling_file(path: Path) -> bool:
     """Whether ``path`` is byte for byte this megamix's ``modeling_megamix.py`` or an earlier one's."""
-    import hashlib
-
     data = path.read_bytes()
     return data == MODELING_FILE.read_bytes() or hashlib.sha256(data).hexdigest() in EARLIER_MODELING_SHA256
 
@@ -91,8 +90,8 @@ def trust_remote_code(export_dir: str | os.PathLike, explicitly: bool = False) -
     A stock Llama export runs none.  An export with an ``auto_map`` runs its modeling file: allowed
     when the user says so (``--trust-remote-code``), or when the code is exactly megamix's own
     ``modeling_megamix.py`` (byte for byte, this version's or an earlier megamix's) and the config
-    names nothing else.  Otherwise loading
-    would execute a stranger's code, so it is refused with a named error.
+    names nothing else.  Otherwise loading would execute a stranger's code, so it is refused with a
+    named error.
     """
     export_dir = Path(export_dir)
     maps = {}

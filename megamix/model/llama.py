@@ -6,8 +6,9 @@ norms go from its layer scheme's row in :data:`megamix.schemes.SCHEMES` — and 
 here knows about parallelism: tensor, pipeline and data parallelism are applied to this model from
 outside by ``megamix.parallel``.  (Two concessions to pipelining, as in torchtitan: layers live in a
 ``ModuleDict`` keyed by the global layer index so names survive splitting, and the embedding, its
-scale and norm, the final norm and the head may be ``None`` on stages that do not hold them.  One to tensor
-parallelism: a norm on q, k or v may be handed a ``split`` saying how its features are divided.)
+scale and norm, the final norm and the head may be ``None`` on stages that do not hold them.  One
+to tensor parallelism: a norm on q, k or v may be handed a ``split`` saying how its features are
+divided.)
 """
 
 from __future__ import annotations
