@@ -118,6 +118,8 @@ def case(data: Path, name: str, layout: list[str], model: tuple[str, ...] = (), 
 RESUME = ["parallel.zero=3"]
 FIVE_STEPS = ("train.steps=5",)  # the schedule and the sample order depend on train.steps
 CLIPPED = ("train.grad_clip=0.5",)
+STATS = ("train.steps=2", "train.stats_interval=1", "train.eval_interval=0", "norm.qk_norm=full",
+         "norm.v_norm=per_head")  # the depth statistics, with norms on q, k and v
 
 
 def cases(data: Path) -> list[dict]:
@@ -128,6 +130,7 @@ def cases(data: Path) -> list[dict]:
         case(data, "zero1_offload", ["parallel.zero=1", "parallel.offload=cpu"], steps=3),
         case(data, "zero3_offload", ["parallel.zero=3", "parallel.offload=cpu"], steps=3),
         case(data, "zero3_full_ac", ["parallel.zero=3", "parallel.activation_checkpoint=full"], steps=3),
+        case(data, "zero3_stats", ["parallel.zero=3"], STATS, run=True),
         case(data, "full", RESUME, FIVE_STEPS, run=True),
         case(data, "stopped", RESUME, FIVE_STEPS, output="resumed", run=True, signal_at=3),  # SIGUSR1 at 3 ...
         case(data, "resumed", RESUME, FIVE_STEPS, run=True),  # ... requeued: continues from its checkpoint
@@ -176,6 +179,25 @@ def test_zero_stage_matches_single_process(data, world, name):
     assert_same_records(got["records"], records)
     assert got["eval"]["val_loss"] == pytest.approx(evaluation["val_loss"], rel=RTOL)
     assert got["eval"]["val_tokens"] == evaluation["val_tokens"]
+
+
+def test_depth_statistics_under_zero3_equal_one_process(data, world):
+    """Every rank runs the probe on the whole model (ZeRO-3 gathers the layers); one counts."""
+    def stats(run: Path) -> dict[int, dict]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("stats/")}
+                for r in records if any(k.startswith("stats/") for k in r)}
+
+    single = data / "reference" / "stats"
+    shutil.rmtree(single, ignore_errors=True)
+    Trainer(load_config(None, base(data, f"train.output_dir={single}", *STATS))).run()
+    got, want = stats(data / "runs" / "zero3_stats"), stats(single)
+    assert sorted(got) == sorted(want) == [1, 2]
+    assert any(k.endswith("/attention_q") for k in want[2]) and any(k.endswith("/attention_v") for k in want[2])
+    for step, values in want.items():
+        assert set(got[step]) == set(values), step
+        for key, value in values.items():
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), (step, key)
 
 
 def test_gradient_clipping_is_active_in_the_clipped_case(data, world):

@@ -114,18 +114,38 @@ def test_depth_statistics_leave_the_losses_bit_identical_and_match_the_checkpoin
 ], ids=["olmo2", "hybrid_star", "peri", "deepnorm", "pre_dyt_qk"])
 def test_depth_statistics_report_each_norm_the_scheme_table_gives_a_layer(tiny_config, tmp_path, overrides):
     """Every scheme and norm type: the losses stay bit-identical, and the norm scales reported per
-    layer are exactly the slots the scheme's row has (written here from the table, not the model)."""
+    layer are exactly the slots the scheme's row has, with its norms on q, k and v (written here
+    from the table and the config, not the model)."""
     from megamix.schemes import SCHEMES, layer_schemes
 
     base = [*overrides, "train.steps=2", "train.eval_interval=0", "train.save_interval=0"]
     Trainer(tiny_config(*base, f"train.output_dir={tmp_path / 'off'}")).run()
-    on = Trainer(tiny_config(*base, "train.stats_interval=1", f"train.output_dir={tmp_path / 'on'}"))
+    on = Trainer(tiny_config(*base, "train.stats_interval=1", "train.save_interval=2",
+                             f"train.output_dir={tmp_path / 'on'}"))
+    probe = on.instruments.stats.tokens.clone()
     on.run()
     assert losses(tmp_path / "on") == losses(tmp_path / "off")
     last = stats_lines(tmp_path / "on")[-1]
+    # The norms on q, k and v, read here through module hooks on the final weights (the statistics
+    # shadow ``add_norm`` instead): their outputs' RMS over every head and token of the probe.
+    final, seen = load_model(tmp_path / "on"), {}
+    for layer, block in final.layers.items():
+        for name in ("q_norm", "k_norm", "v_norm"):
+            if hasattr(block.attention, name):
+                getattr(block.attention, name).register_forward_hook(
+                    lambda m, a, out, key=f"{int(layer):02d}/attention_{name[0]}": seen.__setitem__(key, out))
+    with torch.no_grad():
+        final(probe)
+    assert seen or overrides[0] in ("norm.scheme=peri", "norm.scheme=deepnorm")
+    for key, out in seen.items():
+        rms = out.double().square().mean().sqrt().item()
+        assert last[f"stats/norm_out/layer_{key}"] == pytest.approx(rms, rel=1e-5)
     for layer, scheme in enumerate(layer_schemes(on.cfg.norm, 4)):
         row = SCHEMES[scheme]
         expected = {f"{sub}_{slot}" for sub in ("attention", "mlp") for slot in getattr(row, sub).slots()}
+        qk = row.qk_norm if on.cfg.norm.qk_norm is None else on.cfg.norm.qk_norm
+        v = row.v_norm if on.cfg.norm.v_norm is None else on.cfg.norm.v_norm
+        expected |= {f"attention_{n}" for n, form in (("q", qk), ("k", qk), ("v", v)) if form != "none"}
         got = {k.rsplit("/", 1)[1] for k in last if k.startswith(f"stats/norm_out/layer_{layer:02d}/")}
         assert got == expected, (layer, scheme)
         assert all(math.isfinite(last[f"stats/{s}/layer_{layer:02d}"]) for s in ("rms", "angular", "update_ratio"))

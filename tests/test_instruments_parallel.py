@@ -1,8 +1,10 @@
 """The instruments on parallel layouts give the single-process numbers (CPU, gloo, fp32, tiny models):
-the depth statistics under TP2·PP2 (pipeline stages gathered, tensor ranks counted once), under
-DP2·TP2 with sequence parallelism and ZeRO-3 (each tensor rank's slice of the tokens added up,
-data replicas counted once) and under interleaved PP2 (two stages per rank) with DP2·ZeRO-2; the
-in-loop lm-eval of a TP2·PP2 model gathered to rank 0.  One torchrun launch trains all of them."""
+the depth statistics under TP2·PP2 (pipeline stages gathered, tensor ranks counted once for the
+stream, each for its own heads of the per-head QK-norm), under DP2·TP2 with sequence parallelism and
+ZeRO-3 (each tensor rank's slice of the tokens added up, data replicas counted once; a QK-norm over
+the whole projection, split over the tensor ranks, and a per-head V-norm) and under interleaved PP2
+(two stages per rank) with DP2·ZeRO-2; the in-loop lm-eval of a TP2·PP2 model gathered to rank 0.
+One torchrun launch trains all of them."""
 
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ def instrument_lines(run: Path) -> dict[int, dict]:
 
 
 CASES = {
-    "tp2_pp2": (["norm.scheme=mix", "norm.alpha=0.5", "model.vocab_size=32000"],
+    "tp2_pp2": (["norm.scheme=mix", "norm.alpha=0.5", "norm.qk_norm=per_head", "model.vocab_size=32000"],
                 ["parallel.tp=2", "parallel.pp=2"], True),
-    "dp2_tp2_sp_zero3": (["norm.scheme=lns"],
+    "dp2_tp2_sp_zero3": (["norm.scheme=lns", "norm.qk_norm=full", "norm.v_norm=per_head"],
                          ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=3"], False),
     "pp2_interleaved_dp2_zero2": (["norm.scheme=post"],
                                   ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",

@@ -150,7 +150,8 @@ DEPTH_FIGURES: dict[str, tuple[str, str, str, bool]] = {
     "depth_update_ratio": ("update_ratio", "‖ΔW‖ / ‖W‖", "Update-to-weight ratio per layer, over training", True),
     "depth_grad_norm": ("grad_norm", "‖∇W_ℓ‖", "Gradient norm per layer, over training", True),
 }
-NORM_SLOT_NAMES = [f"{sublayer}_{slot}" for sublayer in ("attention", "mlp") for slot in ("before", "output", "after")]
+NORM_SLOT_NAMES = [f"{sublayer}_{slot}" for sublayer in ("attention", "mlp") for slot in ("before", "output", "after")
+                   ] + ["attention_q", "attention_k", "attention_v"]  # the norms on q, k and v
 
 
 def last_stats(run: Run, stat: str) -> list[float] | None:

@@ -13,7 +13,8 @@ without gradients measures, per layer ℓ (global index, keys ``layer_ℓℓ``):
 - ``stats/norm_out/layer_ℓℓ/<sublayer>_<slot>``: the RMS of each norm's output, per sublayer
   (``attention``, ``mlp``) and slot (``before`` the sublayer, on its ``output``, ``after`` the
   residual add; :data:`megamix.schemes.SLOTS`): the scale the norm hands on, including LayerNorm
-  Scaling's 1/√(ℓ+1);
+  Scaling's 1/√(ℓ+1); and ``attention_q``, ``attention_k``, ``attention_v`` for the norms on q, k
+  and v (QK-norm, V-norm), over every head;
 - ``stats/update_ratio/layer_ℓℓ``: ‖ΔW‖/‖W‖ of the layer's parameters over this step's optimizer
   update (W before the update), from the engine's optimizer hooks.
 
@@ -27,7 +28,9 @@ variances and distances, of counts) that every rank accumulates for the layers a
 in one ``[layers, fields]`` float64 table that one all-reduce adds up over the world.  Pipeline
 stages fill disjoint layers; tensor-parallel ranks see the whole stream (one of them counts) or,
 under sequence parallelism, their own slice of the tokens (all count); data-parallel replicas run the
-same probe (one counts) — :attr:`Engine.probe_share`.  The update ratio's squares are divided by how
+same probe (one counts) — :attr:`Engine.probe_share`.  The norms on q, k and v see every token
+and the heads a rank holds: tensor ranks hold disjoint heads, so each counts, and data-parallel
+replicas count once (:attr:`Engine.probe_heads_count`).  The update ratio's squares are divided by how
 many ranks hold each element, as the gradient norms' are (:mod:`megamix.parallel.grad_norm`).
 """
 
@@ -47,9 +50,13 @@ from megamix.train.engines import Engine, StepStats
 
 # Columns of the per-layer table.
 SUMSQ, ELEMENTS, VAR, ANGULAR, TOKENS, UPDATE_SQ, WEIGHT_SQ = range(7)
+# The norms a statistic names: the blocks' (sublayer, slot) and attention's on q, k and v.
 NORM_SLOTS = [(sublayer, slot) for sublayer in SUBLAYERS for slot in SLOTS]
-NORM_BASE = 7  # then (sum of squares, elements) per norm slot
-COLUMNS = NORM_BASE + 2 * len(NORM_SLOTS)
+HEAD_NORMS = ["q_norm", "k_norm", "v_norm"]
+NORM_KEYS = [f"{sublayer}_{slot}" for sublayer, slot in NORM_SLOTS] + [f"attention_{n[0]}" for n in HEAD_NORMS]
+NORM_BASE = 7  # then (sum of squares, elements) per norm key
+HEADS_BASE = NORM_BASE + 2 * len(NORM_SLOTS)  # where the q, k, v norms' columns start
+COLUMNS = NORM_BASE + 2 * len(NORM_KEYS)
 STAT_NAMES = ("rms", "var", "angular", "update_ratio", "norm_out")
 
 
@@ -132,6 +139,7 @@ class DepthStats:
     def measure(self) -> dict[str, float]:
         """Run the probe, add everything up over the world, and return the statistics."""
         counts, _ = self.engine.probe_share
+        heads_count = self.engine.probe_heads_count
         blocks = {int(index): block for index, block in self.engine.model.layers.items()}
         probe = torch.zeros_like(self.table)
         with ExitStack() as stack:
@@ -143,18 +151,25 @@ class DepthStats:
             stack.enter_context(eager(list(blocks.values())))
             self.engine.forward_only(self.tokens)
         if counts:
-            self.table += probe
+            self.table[:, :HEADS_BASE] += probe[:, :HEADS_BASE]
+        if heads_count:
+            self.table[:, HEADS_BASE:] += probe[:, HEADS_BASE:]
         table = self.engine.reduce_sum(self.table).to("cpu", copy=True)
         self.table.zero_()
         return self.values(table)
 
     def _norms(self, block: Block) -> list[tuple[int, nn.Module]]:
-        """``(table column, norm module)`` for each norm of a block, by (sublayer, slot)."""
+        """``(table column, norm module)`` for each norm of a block: by (sublayer, slot), then those
+        on attention's q, k and v."""
         found = []
         for sublayer, names in block.norm_names.items():
             for slot, name in zip(SLOTS, names):
                 if name:
                     found.append((NORM_BASE + 2 * NORM_SLOTS.index((sublayer, slot)), getattr(block, name)))
+        for i, name in enumerate(HEAD_NORMS):
+            norm = getattr(block.attention, name, None)
+            if norm is not None:
+                found.append((HEADS_BASE + 2 * i, norm))
         return found
 
     @staticmethod
@@ -180,10 +195,10 @@ class DepthStats:
                 out[stat_key("angular", layer)] = row[ANGULAR] / row[TOKENS]
             if row[WEIGHT_SQ] > 0:
                 out[stat_key("update_ratio", layer)] = math.sqrt(row[UPDATE_SQ] / row[WEIGHT_SQ])
-            for i, (sublayer, slot) in enumerate(NORM_SLOTS):
+            for i, key in enumerate(NORM_KEYS):
                 sumsq, elements = row[NORM_BASE + 2 * i], row[NORM_BASE + 2 * i + 1]
                 if elements > 0:
-                    out[stat_key("norm_out", layer, f"{sublayer}_{slot}")] = math.sqrt(sumsq / elements)
+                    out[stat_key("norm_out", layer, key)] = math.sqrt(sumsq / elements)
         return out
 
 

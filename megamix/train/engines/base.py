@@ -132,6 +132,13 @@ class Engine(ABC):
         enter the world's sum (one replica of each share counts, however many ranks hold it)."""
         return True, False
 
+    @property
+    def probe_heads_count(self) -> bool:
+        """Whether this rank's sums over the attention heads it holds (the norms on q, k and v)
+        enter the world's sum: tensor-parallel ranks hold disjoint heads for every token, so each
+        counts; replicas of the same heads count once."""
+        return True
+
     def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         """``(name, this rank's local share of the parameter, on how many ranks each of its
         elements lives)`` for every parameter (the single-process model's names)."""

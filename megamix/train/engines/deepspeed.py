@@ -183,6 +183,10 @@ class DeepSpeedEngine(Engine):
     def probe_share(self) -> tuple[bool, bool]:
         return dist.get_rank() == 0, False  # every rank runs the same probe on the whole model
 
+    @property
+    def probe_heads_count(self) -> bool:
+        return dist.get_rank() == 0
+
     def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         """Under ZeRO-3 each rank's fp32 partition of every parameter; under ZeRO-1/2 the whole
         parameter, which every rank holds."""

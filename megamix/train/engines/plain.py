@@ -175,6 +175,12 @@ class PlainEngine(Engine):
         split = self.tensor_parallel and self.cfg.parallel.sequence_parallel
         return self.mesh.dp_rank == 0 and (split or self.mesh.tp_rank == 0), split
 
+    @property
+    def probe_heads_count(self) -> bool:
+        """Tensor ranks hold disjoint heads of the whole sequence (sequence parallelism or not):
+        each counts; data-parallel replicas count once."""
+        return self.mesh is None or self.mesh.dp_rank == 0
+
     def parameter_shards(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         from megamix.parallel.grad_norm import _dtensor_type
 
