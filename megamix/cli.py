@@ -1,4 +1,4 @@
-"""``megamix train|check|plan|val-loss|lm-eval``: the command line (also ``python -m megamix``).
+"""``megamix train|check|plan|sweep|val-loss|lm-eval``: the command line (also ``python -m megamix``).
 
 ``val-loss`` is the token-level validation loss of a checkpoint on a ``.bin/.idx`` corpus;
 ``lm-eval`` runs lm-evaluation-harness on a checkpoint or an export.  Their old names, ``evaluate``
@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from megamix.config import load_config, validate
+from megamix.config import ConfigError, load_config, validate
 from megamix.errors import MegamixError, run_command
+from megamix.sweep import DEFAULT_SCRIPT
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +81,42 @@ RENAMED = {
     "evaluate": ("val-loss", "validation loss of a checkpoint on a .bin/.idx corpus"),
     "eval": ("lm-eval", "lm-evaluation-harness on a checkpoint or an export"),
 }
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Plan a sweep (every point validated first), then submit it, run it here, or report on it."""
+    from megamix import sweep
+
+    if args.status:
+        given = [name for name, v in (("--config", args.config), ("--grid", args.grid), ("--set", args.overrides))
+                 if v]
+        if given:
+            raise sweep.SweepError(f"--status reads the sweep in {args.out}; {', '.join(given)} belong to planning it")
+        points = sweep.read_manifest(args.out)
+    else:
+        if args.nproc < 1:
+            raise ConfigError("--nproc", f"must be positive; got {args.nproc}")
+        world = args.nproc if args.run else args.world_size
+        planned = sweep.plan(args.out, args.config, args.overrides, args.grid, world_size=world)
+        call = {"config": str(Path(args.config).resolve()) if args.config else None, "set": args.overrides,
+                "grid": args.grid}
+        points = sweep.write(args.out, planned, call)
+        print(f"sweep {args.out}: {len(planned)} point(s), configs in {Path(args.out) / 'configs'}")
+        print(sweep.plan_table(planned))
+        if args.submit:
+            sweep.submit(args.out, points, args.sbatch_args, args.script)
+        elif args.run:
+            sweep.run_here(points, args.nproc)
+        else:
+            print("nothing started: --submit sends the points to Slurm (slurm/train.sbatch), --run trains them here")
+    print(sweep.status_table(points))
+    seeds = sweep.seed_table(points)
+    if seeds:
+        print("\nover the seeds (finished runs; mean ± sample standard deviation):\n" + seeds)
+    if args.compare:
+        sweep.compare(args.out, points)
+        print(f"wrote {Path(args.out) / 'comparison'}/comparison.md and its PNGs")
+    return 0
 
 
 def resolve_device(device: str | None) -> str:
@@ -200,6 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world-size", type=int, default=None, metavar="N",
                       help="list the valid tp/pp/dp layouts of N GPUs with their memory per GPU")
     plan.set_defaults(func=cmd_plan)
+    sweep = sub.add_parser("sweep", parents=[common], help="a grid of configs: one run per point, validated up "
+                           "front, submitted to Slurm or run here; --status follows it")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="the sweep's directory (manifest, configs, runs)")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                       help="values to sweep (repeatable: every combination); a YAML list for values with commas")
+    sweep.add_argument("--world-size", type=int, default=None, metavar="N",
+                       help="validate every point for a launch of N processes (the allocation's)")
+    start = sweep.add_mutually_exclusive_group()
+    start.add_argument("--submit", action="store_true", help="sbatch slurm/train.sbatch for each point not "
+                       "finished, queued or running")
+    start.add_argument("--run", action="store_true", help="train the unfinished points here, one after another")
+    start.add_argument("--status", action="store_true", help="report each point's step, loss, perplexity and "
+                       "state (no planning)")
+    sweep.add_argument("--sbatch-args", default="", metavar="ARGS", help='sbatch options, e.g. "--time=12:00:00 -N 2"')
+    sweep.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the batch script (default: %(default)s)")
+    sweep.add_argument("--nproc", type=int, default=1, metavar="N", help="with --run: processes per point (torchrun)")
+    sweep.add_argument("--compare", action="store_true", help="also write OUT/comparison (tools/compare_runs.py)")
+    sweep.set_defaults(func=cmd_sweep)
     for name in ("val-loss", "evaluate"):
         _add_val_loss(sub.add_parser(name, parents=[common], help=_help(name, "validation loss and perplexity of a "
                                                                            "checkpoint on a .bin/.idx corpus")))

@@ -1,6 +1,7 @@
 """The package's layers, bottom to top, and the rule that no module imports a layer above its own
 (function-level imports included): config and ops; model, data and checkpoint; parallel; train; hf
-and analysis; the command line.  Written as an independent check of the README's Layout section."""
+and analysis; the command line (with plan and sweep).  Written as an independent check of the
+README's Layout section."""
 
 import ast
 from pathlib import Path
@@ -12,7 +13,7 @@ LAYERS = [
     {"megamix.parallel"},
     {"megamix.train"},
     {"megamix.hf", "megamix.analysis"},
-    {"megamix.cli", "megamix.plan", "megamix.__main__", "megamix"},
+    {"megamix.cli", "megamix.plan", "megamix.sweep", "megamix.__main__", "megamix"},
 ]
 
 

@@ -215,6 +215,38 @@ def test_layout_the_allocation_cannot_run_fails_before_srun(slurm_env, workdir):
     assert not list(job.run.glob("logs/job_*/attempt_0/rank_*.exit")) and not re.search(r"^\d+: ", console, re.M)
 
 
+def test_sweep_submits_each_point_once_and_follows_it_to_the_end(slurm_env, workdir):
+    """``megamix sweep --submit``: one job per point; submitting again while they are queued or
+    running, or after they finished, submits nothing; the status reads both runs as finished."""
+    base = workdir / "sweep_base.yaml"
+    load_config(None, TINY + [f"data.path={workdir / 'corpus'}", "train.steps=3", "train.eval_interval=0"]).save(base)
+    out = workdir / "sweep"
+    cmd = [sys.executable, "-m", "megamix", "sweep", "--out", str(out), "--config", str(base), "--grid",
+           "norm.scheme=pre,post", "--world-size", "2", "--submit", "--sbatch-args",
+           "--gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --export=ALL,OMP_NUM_THREADS=1"]
+
+    def submit_sweep() -> list[tuple[str, str]]:
+        done = subprocess.run(cmd, env=slurm_env, cwd=workdir, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        jobs = re.findall(r"^submitted (\S+): job (\d+)$", done.stdout, re.MULTILINE)
+        SUBMITTED.extend(job for _, job in jobs)  # cancelled if the test fails half-way
+        return jobs
+
+    first = submit_sweep()
+    assert [name for name, _ in first] == ["scheme=pre", "scheme=post"]
+    assert submit_sweep() == []  # queued or running: left alone
+    for name, job in first:
+        info = Job(job, workdir, out / "runs" / name).wait(slurm_env)
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (out / "slurm" / f"{name}-{job}.out")
+        assert (out / "runs" / name / "checkpoints" / "step_0000003" / "train_state.json").is_file()
+    assert submit_sweep() == []  # finished: left alone
+    status = subprocess.run([sys.executable, "-m", "megamix", "sweep", "--out", str(out), "--status"], env=slurm_env,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert all(re.search(rf"^\| {name} \| .* \| 3/3 \| .* \| finished \|$", status, re.M) for name, _ in first)
+    manifest = (out / "sweep.json").read_text()
+    assert all(f'"{job}"' in manifest for _, job in first)
+
+
 # ----------------------------------------------------------------------------------------------
 # The requeue decision, with a stand-in launcher: each rank records the exit code it is told
 # (FAKE_CODES, by rank), after rank 0 optionally wrote a complete checkpoint one step past the

@@ -1,0 +1,154 @@
+"""``megamix sweep``: a grid of configs becomes one run per point, every point validated before anything
+is written, trained here one after another (``--run``; Slurm's ``--submit``: tests/test_slurm.py),
+safe to repeat, extendable, and summarized over seeds.  Each point's config is checked against one
+built here from the same overrides, its training against the trainer run directly."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import TINY, write_corpus
+
+from megamix.cli import main
+from megamix.config import load_config
+from megamix.sweep import parse_grid, point_names
+from megamix.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny config file whose corpus exists."""
+    root = tmp_path_factory.mktemp("sweep")
+    write_corpus(root / "corpus")
+    path = root / "tiny.yaml"
+    load_config(None, TINY + [f"data.path={root / 'corpus'}", "train.steps=2", "train.eval_interval=0"]).save(path)
+    return path
+
+
+def sweep(*args: str) -> int:
+    return main(["sweep", *args])
+
+
+def test_grid_points_are_every_combination_named_by_their_values():
+    assert parse_grid("norm.scheme=pre, post") == ("norm.scheme", ["pre", "post"])
+    assert parse_grid('norm.layers=["[post, pre]", "[pre, pre]"]') == ("norm.layers", ["[post, pre]", "[pre, pre]"])
+    assert parse_grid("train.lr=[1e-3, 2.5, 3]")[1] == ["1e-3", "2.5", "3"]  # as written: --set parses them
+    points = point_names([("norm.scheme", ["pre", "mix"]), ("train.seed", ["1", "2"])])
+    assert [name for name, _ in points] == ["scheme=pre_seed=1", "scheme=pre_seed=2", "scheme=mix_seed=1",
+                                            "scheme=mix_seed=2"]  # the first key varies slowest
+    assert points[2][1] == {"norm.scheme": "mix", "train.seed": "1"}
+    # Keys that end alike are named in full; values become safe directory names.
+    clash = point_names([("train.seed", ["1"]), ("data.seed", ["7"]), ("norm.layers", ["[post, pre]"])])
+    assert clash[0][0] == "train.seed=1_data.seed=7_layers=post-pre"
+    assert point_names([]) == [("run", {})]
+
+
+def test_plan_writes_each_points_resolved_config_and_the_manifest(base, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert sweep("--out", str(out), "--config", str(base), "--grid", "norm.scheme=pre,mix", "--grid",
+                 "train.seed=1,2", "--set", "norm.alpha=0.5") == 0
+    printed = capsys.readouterr().out
+    assert "| scheme=mix_seed=2 | mix | 2 | post×2 pre×2 |" in printed  # Mix-LN with α 0.5 of 4 layers
+    assert "nothing started" in printed
+    manifest = json.loads((out / "sweep.json").read_text())
+    names = [p["name"] for p in manifest["points"]]
+    assert names == ["scheme=pre_seed=1", "scheme=pre_seed=2", "scheme=mix_seed=1", "scheme=mix_seed=2"]
+    for point in manifest["points"]:
+        run = out.resolve() / "runs" / point["name"]
+        want = load_config(base, ["norm.alpha=0.5", f"norm.scheme={point['values']['norm.scheme']}",
+                                  f"train.seed={point['values']['train.seed']}", f"train.output_dir={run}"])
+        assert Path(point["config"]).read_text() == want.to_yaml()
+        assert point["run_dir"] == str(run) and point["jobs"] == []
+    assert not (out / "runs").exists()  # planning starts nothing
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--grid", "norm.scheme=pre,bogus"], "norm.scheme"),
+    (["--grid", "norm.scheme=pre,mix"], "norm.alpha"),  # mix needs alpha or post_layers
+    (["--grid", "model.hidden_sizes=32,64"], "model.hidden_sizes"),
+    (["--grid", "train.output_dir=a,b"], "train.output_dir"),
+    (["--grid", "train.seed=1,2", "--grid", "train.seed=3"], "train.seed"),
+    (["--grid", "train.seed=1,2", "--set", "train.seed=3"], "train.seed"),
+    (["--grid", "train.seed=1,,2"], "train.seed"),
+    (["--grid", "train.seed=1,1"], "train.seed"),
+    (["--grid", "scheme=pre"], "scheme"),
+    (["--grid", "train.seed=1", "--world-size", "3"], "train.global_batch_size"),  # 3 ranks: 8 = 4 × dp?
+    (["--grid", "train.seed=1", "--set", "data.path=/nonexistent/corpus"], "data.path"),
+])
+def test_a_bad_value_in_any_point_is_a_named_error_before_anything_is_written(base, tmp_path, capsys, args, field):
+    out = tmp_path / "study"
+    assert sweep("--out", str(out), "--config", str(base), *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megamix: config error: {field}"), err
+    assert not out.exists()
+
+
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_run_trains_each_point_then_skips_the_finished_and_extends_the_study(base, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--config", str(base), "--grid", "norm.scheme=pre,post"]
+    assert sweep(*args, "--grid", "train.seed=1,2", "--run") == 0
+    printed = capsys.readouterr().out
+    for name in ("scheme=pre_seed=1", "scheme=post_seed=2"):
+        assert f"| {name} |" in printed and f"== {name}:" in printed
+    runs = out.resolve() / "runs"
+    # A point trains what the trainer trains on the same config, run directly.
+    direct = tmp_path / "direct"
+    Trainer(load_config(base, ["norm.scheme=post", "train.seed=2", f"train.output_dir={direct}"])).run()
+    got, want = losses(runs / "scheme=post_seed=2"), losses(direct)
+    assert sorted(got) == sorted(want) == [1, 2]
+    assert all(got[s] == pytest.approx(want[s], rel=1e-6) for s in want)
+
+    # Again: every point is finished, nothing trains; a third seed adds two points and trains only them.
+    assert sweep(*args, "--grid", "train.seed=1,2", "--run") == 0
+    assert "==" not in capsys.readouterr().out
+    assert sweep(*args, "--grid", "train.seed=3", "--run") == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("==")] == [
+        "== scheme=pre_seed=3", "== scheme=post_seed=3"]
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert len(manifest["points"]) == 6
+    assert [call["grid"] for call in manifest["calls"]] == [["norm.scheme=pre,post", "train.seed=1,2"],
+                                                           ["norm.scheme=pre,post", "train.seed=3"]]
+
+    # The status: every point finished, and the seeds summarized per scheme (formula written here).
+    assert sweep("--out", str(out), "--status") == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| scheme=")]
+    assert len(rows) == 6 and all(" | 2/2 | " in row and row.endswith(" | finished |") for row in rows)
+    for scheme in ("pre", "post"):
+        final = [losses(runs / f"scheme={scheme}_seed={s}")[2] for s in (1, 2, 3)]
+        ppl = [losses(runs / f"scheme={scheme}_seed={s}", "val_ppl")[2] for s in (1, 2, 3)]  # evaluated at the end
+        row = (f"| {scheme} | 3/3 | {statistics.mean(ppl):.2f} ± {statistics.stdev(ppl):.2f} "
+               f"| {statistics.mean(final):.4f} ± {statistics.stdev(final):.4f} |")
+        assert row in printed, printed
+
+    # A point whose config would change is refused, naming its file; the study stays as it was.
+    assert sweep(*args, "--grid", "train.seed=1", "--set", "train.lr=0.5") == 2
+    err = capsys.readouterr().err
+    assert "scheme=pre_seed=1.yaml holds another config" in err
+    assert len(json.loads((out / "sweep.json").read_text())["points"]) == 6
+
+    # --compare draws the study with tools/compare_runs.py's tables and figures.
+    assert sweep("--out", str(out), "--status", "--compare") == 0
+    assert "scheme=post_seed=3" in (out / "comparison" / "comparison.md").read_text()
+    assert (out / "comparison" / "curves.png").stat().st_size > 1000
+
+
+def test_status_reads_only_the_manifest(base, tmp_path, capsys):
+    assert sweep("--out", str(tmp_path / "none"), "--status") == 1
+    assert "is not a sweep directory" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert sweep("--out", str(out), "--config", str(base), "--grid", "train.seed=1") == 0
+    assert sweep("--out", str(out), "--status", "--grid", "train.seed=2") == 1
+    assert "--grid belong to planning it" in capsys.readouterr().err
+    (out / "sweep.json").write_text("{")
+    assert sweep("--out", str(out), "--status") == 1
+    assert "sweep.json is not a sweep manifest" in capsys.readouterr().err
