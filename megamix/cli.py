@@ -12,9 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-from megamix.config import ConfigError, load_config, validate
+from megamix.config import load_config, validate
 from megamix.errors import MegamixError, run_command
 from megamix.sweep import DEFAULT_SCRIPT
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of processes (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -94,9 +105,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise sweep.SweepError(f"--status reads the sweep in {args.out}; {', '.join(given)} belong to planning it")
         points = sweep.read_manifest(args.out)
     else:
-        if args.nproc < 1:
-            raise ConfigError("--nproc", f"must be positive; got {args.nproc}")
         world = args.nproc if args.run else args.world_size
+        extra = sweep.submission(args.sbatch_args, args.script) if args.submit else []
         planned = sweep.plan(args.out, args.config, args.overrides, args.grid, world_size=world)
         call = {"config": str(Path(args.config).resolve()) if args.config else None, "set": args.overrides,
                 "grid": args.grid}
@@ -104,7 +114,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"sweep {args.out}: {len(planned)} point(s), configs in {Path(args.out) / 'configs'}")
         print(sweep.plan_table(planned))
         if args.submit:
-            sweep.submit(args.out, points, args.sbatch_args, args.script)
+            sweep.submit(args.out, points, extra, args.script)
         elif args.run:
             sweep.run_here(points, args.nproc)
         else:
@@ -230,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common],
                            help="validate a config for a launch of N processes (exit 2 if it cannot run)")
     _add_config_args(check)
-    check.add_argument("--world-size", type=int, required=True, metavar="N", help="processes the launch will start")
+    check.add_argument("--world-size", type=_positive_int, required=True, metavar="N",
+                       help="processes the launch will start")
     check.set_defaults(func=cmd_check)
     plan = sub.add_parser("plan", parents=[common], help="per-layer placement, per-rank parameters and memory")
     _add_config_args(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    plan.add_argument("--world-size", type=int, default=None, metavar="N",
+    plan.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
                       help="list the valid tp/pp/dp layouts of N GPUs with their memory per GPU")
     plan.set_defaults(func=cmd_plan)
     sweep = sub.add_parser("sweep", parents=[common], help="a grid of configs: one run per point, validated up "
@@ -244,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sweep)
     sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                        help="values to sweep (repeatable: every combination); a YAML list for values with commas")
-    sweep.add_argument("--world-size", type=int, default=None, metavar="N",
+    sweep.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
                        help="validate every point for a launch of N processes (the allocation's)")
     start = sweep.add_mutually_exclusive_group()
     start.add_argument("--submit", action="store_true", help="sbatch slurm/train.sbatch for each point not "
@@ -254,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "state (no planning)")
     sweep.add_argument("--sbatch-args", default="", metavar="ARGS", help='sbatch options, e.g. "--time=12:00:00 -N 2"')
     sweep.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the batch script (default: %(default)s)")
-    sweep.add_argument("--nproc", type=int, default=1, metavar="N", help="with --run: processes per point (torchrun)")
+    sweep.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                       help="with --run: processes per point (torchrun)")
     sweep.add_argument("--compare", action="store_true", help="also write OUT/comparison (tools/compare_runs.py)")
     sweep.set_defaults(func=cmd_sweep)
     for name in ("val-loss", "evaluate"):

@@ -654,6 +654,8 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     elif m.num_layers < num_stages:
         raise ConfigError("parallel.pp", f"{num_stages} pipeline stages for only {m.num_layers} layers")
     if world_size is not None:
+        if world_size < 1:
+            raise ConfigError("world_size", f"a launch needs at least one process; got {world_size}")
         if world_size % (p.tp * p.pp):
             raise ConfigError("parallel.tp", f"tp×pp = {p.tp * p.pp} does not divide the world size {world_size}")
         dp = world_size // (p.tp * p.pp)

@@ -124,6 +124,8 @@ def plan(out: str | os.PathLike, config: str | None, sets: list[str], grids: lis
     """The sweep's points with their resolved configs; a bad value in any of them is a
     :class:`ConfigError` naming the field and the point, raised before anything is written."""
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file; a sweep needs a directory")
     grid = [parse_grid(spec) for spec in grids]
     keys = [key for key, _ in grid]
     if len(set(keys)) != len(keys):
@@ -342,16 +344,25 @@ def to_start(points: list[Point]) -> list[Point]:
     return waiting
 
 
-def submit(out: str | os.PathLike, points: list[Point], sbatch_args: str = "",
-           script: str | os.PathLike = DEFAULT_SCRIPT) -> list[str]:
-    """``sbatch`` each point that is neither finished nor queued/running; returns the new job ids."""
-    out = Path(out).resolve()
-    script = Path(script)
-    if not script.is_file():
-        raise SweepError(f"{script} does not exist: give --script the path of megamix's slurm/train.sbatch")
+def submission(sbatch_args: str = "", script: str | os.PathLike = DEFAULT_SCRIPT) -> list[str]:
+    """Check what ``--submit`` needs before anything is written: the batch script, ``sbatch``, and
+    the sbatch options as a list."""
+    try:
+        extra = shlex.split(sbatch_args)
+    except ValueError as e:
+        raise ConfigError("--sbatch-args", f"cannot split {sbatch_args!r} into options: {e}") from None
+    if not Path(script).is_file():
+        raise ConfigError("--script", f"{script} does not exist: give the path of megamix's slurm/train.sbatch")
     if shutil.which("sbatch") is None:
         raise SweepError("sbatch is not on PATH: submit from a Slurm login node, or use --run to train here")
-    extra = shlex.split(sbatch_args)
+    return extra
+
+
+def submit(out: str | os.PathLike, points: list[Point], extra: list[str] = (),
+           script: str | os.PathLike = DEFAULT_SCRIPT) -> list[str]:
+    """``sbatch`` each point that is neither finished nor queued/running (``extra``: sbatch
+    options, after the sweep's own so they win); returns the new job ids."""
+    out = Path(out).resolve()
     (out / "slurm").mkdir(parents=True, exist_ok=True)
     submitted = []
     for point in to_start(points):
@@ -380,7 +391,14 @@ def run_here(points: list[Point], nproc: int = 1) -> list[str]:
         else:
             cmd = [sys.executable, "-m", "megamix", "train", "--config", point.config]
         print(f"== {point.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-        code = subprocess.run(cmd).returncode
+        proc = subprocess.Popen(cmd)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the trainer got the Ctrl-C too: it checkpoints and exits; let it
+            print(f"interrupted: waiting for point {point.name} to checkpoint and exit", file=sys.stderr, flush=True)
+            code = proc.wait()
+            raise SweepError(f"interrupted during point {point.name} (it exited with {code}); run the same command "
+                             "again to go on (a point resumes from its latest checkpoint)") from None
         if code != 0:
             raise SweepError(f"point {point.name} exited with {code} (its log: {point.run_dir}); the points after "
                              "it did not run; run the same command again to go on (finished points are skipped)")

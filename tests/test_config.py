@@ -63,6 +63,18 @@ def test_cli_exits_nonzero_with_one_line_naming_the_field(capsys):
     assert len(err) == 1 and "norm.alpha" in err[0]
 
 
+def test_a_world_of_no_processes_is_refused(capsys):
+    """`check`/`plan --world-size 0` and WORLD_SIZE=0 are named errors, not a division by zero."""
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, []), world_size=0)
+    assert err.value.field == "world_size"
+    for command in ("check", "plan"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--world-size", "0"])
+        assert stopped.value.code == 2
+        assert "argument --world-size: must be a positive integer; got '0'" in capsys.readouterr().err
+
+
 def test_yaml_file_errors_name_the_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  hidden_size: 64\n  num_layer: 4\n")

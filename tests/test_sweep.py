@@ -77,6 +77,8 @@ def test_plan_writes_each_points_resolved_config_and_the_manifest(base, tmp_path
     (["--grid", "scheme=pre"], "scheme"),
     (["--grid", "train.seed=1", "--world-size", "3"], "train.global_batch_size"),  # 3 ranks: 8 = 4 × dp?
     (["--grid", "train.seed=1", "--set", "data.path=/nonexistent/corpus"], "data.path"),
+    (["--grid", "train.seed=1", "--submit", "--sbatch-args", '"--time=1'], "--sbatch-args"),  # unclosed quote
+    (["--grid", "train.seed=1", "--submit", "--script", "/nonexistent/train.sbatch"], "--script"),
 ])
 def test_a_bad_value_in_any_point_is_a_named_error_before_anything_is_written(base, tmp_path, capsys, args, field):
     out = tmp_path / "study"
@@ -84,6 +86,18 @@ def test_a_bad_value_in_any_point_is_a_named_error_before_anything_is_written(ba
     err = capsys.readouterr().err
     assert err.startswith(f"megamix: config error: {field}"), err
     assert not out.exists()
+
+
+def test_an_out_that_is_a_file_or_a_count_below_one_is_refused(base, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert sweep("--out", str(afile), "--config", str(base)) == 2
+    assert "config error: --out:" in capsys.readouterr().err and afile.read_text() == "keep me"
+    for option in ("--world-size", "--nproc"):
+        with pytest.raises(SystemExit) as stopped:
+            sweep("--out", str(tmp_path / "study"), "--config", str(base), option, "0")
+        assert stopped.value.code == 2 and f"argument {option}: must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
 
 
 def losses(run: Path, key: str = "loss") -> dict[int, float]:
