@@ -92,6 +92,32 @@ def test_depth_statistics_leave_the_losses_bit_identical_and_match_the_checkpoin
     assert last["stats/norm_out/layer_02/attention_before"] == pytest.approx(
         normed.square().mean().sqrt().item(), rel=1e-5)
 
+    # Attention: q and k as scaled_dot_product_attention receives them on the final weights; the
+    # largest causal logit and the mean entropy of the attention rows, written out here.
+    import megamix.model.llama as llama
+
+    seen, sdpa = [], llama.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.double(), k.double()))
+        return sdpa(q, k, v, **kwargs)
+
+    llama.F.scaled_dot_product_attention = recording
+    try:
+        with torch.no_grad():
+            final(probe)
+    finally:
+        llama.F.scaled_dot_product_attention = sdpa
+    for i, (q, k) in enumerate(seen):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: query head h reads kv head h // group
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+        p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        entropy = -torch.where(causal, p * torch.log(p), torch.zeros_like(p)).sum(-1).mean().item()
+        assert last[f"stats/attn_logit_max/layer_{i:02d}"] == pytest.approx(logits[..., causal].max().item(), rel=1e-5)
+        assert last[f"stats/attn_entropy/layer_{i:02d}"] == pytest.approx(entropy, rel=1e-5)
+    assert len(seen) == 4
+
     # The update ratio of step 6: the checkpoints before and after it.
     before = load_model(tmp_path / "on" / "checkpoints" / "step_0000005")
     for i in layers:
@@ -103,9 +129,32 @@ def test_depth_statistics_leave_the_losses_bit_identical_and_match_the_checkpoin
 
     # compare_runs draws the depth × step heat maps and the norms' scales, and tabulates them.
     markdown = compare_runs([tmp_path / "on", tmp_path / "off"], tmp_path / "cmp")
-    for stem in ("depth_rms", "depth_angular", "depth_update_ratio", "depth_grad_norm", "norm_scales"):
+    for stem in ("depth_rms", "depth_angular", "depth_update_ratio", "depth_grad_norm", "depth_attn_logit_max",
+                 "depth_attn_entropy", "norm_scales"):
         assert (tmp_path / "cmp" / f"{stem}.png").stat().st_size > 1000, stem
     assert "## Depth statistics while training" in markdown
+
+
+@pytest.mark.parametrize("logits_per_chunk", [1, 40, 1 << 22], ids=["row_by_row", "chunks", "whole"])
+def test_attention_logit_statistics_match_the_formulas_however_the_rows_are_chunked(monkeypatch, logits_per_chunk):
+    import megamix.train.stats as stats
+
+    monkeypatch.setattr(stats, "LOGITS_PER_CHUNK", logits_per_chunk)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8, generator=gen) * 3, torch.randn(2, 2, 9, 8, generator=gen) * 3  # GQA: 2 groups
+    largest, entropy, rows = stats.attention_logit_stats(q, k)
+    expected_max, expected_entropy = -math.inf, 0.0
+    for b in range(2):
+        for h in range(4):
+            for i in range(9):
+                logits = [float(q[b, h, i] @ k[b, h // 2, j]) / math.sqrt(8) for j in range(i + 1)]
+                expected_max = max(expected_max, *logits)
+                z = sum(math.exp(x - max(logits)) for x in logits)
+                p = [math.exp(x - max(logits)) / z for x in logits]
+                expected_entropy -= sum(pi * math.log(pi) for pi in p if pi > 0)
+    assert rows == 2 * 4 * 9
+    assert largest == pytest.approx(expected_max, rel=1e-5)
+    assert entropy == pytest.approx(expected_entropy, rel=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -7,8 +7,9 @@ Each argument is a run directory (``train.output_dir``).  Writes ``comparison.md
 ``curves.png`` to ``--output``; runs that ``tools/analyze_layers.py`` has analyzed (their
 ``analysis/layers.json``) also get angular-distance, layer-removal and gradient-norm plots, and runs
 trained with depth statistics (``train.stats_interval``) get depth × step heat maps
-(``depth_rms.png``, ``depth_angular.png``, ``depth_update_ratio.png``, ``depth_grad_norm.png``) and
-the norms' output scales (``norm_scales.png``): docs/instruments.md.
+(``depth_rms.png``, ``depth_angular.png``, ``depth_update_ratio.png``, ``depth_grad_norm.png``,
+``depth_attn_logit_max.png``, ``depth_attn_entropy.png``) and the norms' output scales
+(``norm_scales.png``): docs/instruments.md.
 """
 
 from __future__ import annotations

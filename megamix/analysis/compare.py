@@ -149,6 +149,10 @@ DEPTH_FIGURES: dict[str, tuple[str, str, str, bool]] = {
                       "Angular distance between each layer's input and output (probe tokens), over training", False),
     "depth_update_ratio": ("update_ratio", "‖ΔW‖ / ‖W‖", "Update-to-weight ratio per layer, over training", True),
     "depth_grad_norm": ("grad_norm", "‖∇W_ℓ‖", "Gradient norm per layer, over training", True),
+    "depth_attn_logit_max": ("attn_logit_max", "max q·k/√d", "Largest attention logit per layer (probe), over "
+                             "training", False),
+    "depth_attn_entropy": ("attn_entropy", "entropy (nats)", "Mean attention entropy per layer (probe), over "
+                           "training", False),
 }
 NORM_SLOT_NAMES = [f"{sublayer}_{slot}" for sublayer in ("attention", "mlp") for slot in ("before", "output", "after")
                    ] + ["attention_q", "attention_k", "attention_v"]  # the norms on q, k and v

@@ -65,8 +65,13 @@ class Attention(nn.Module):
         k = self.heads(self.k_proj(x), "k_norm")
         v = self.heads(self.v_proj(x), "v_norm")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        y = self.attend(q, k, v)
         return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√d, causal) v over ``[batch, heads, seq, head_dim]`` (k and v may have fewer
+        heads: grouped-query attention).  Its own method so instruments can watch q and k."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     def heads(self, t: torch.Tensor, norm: str) -> torch.Tensor:
         """A projection ``[batch, seq, heads·head_dim]`` → ``[batch, heads, seq, head_dim]``, with its

@@ -15,6 +15,10 @@ without gradients measures, per layer ℓ (global index, keys ``layer_ℓℓ``):
   residual add; :data:`megamix.schemes.SLOTS`): the scale the norm hands on, including LayerNorm
   Scaling's 1/√(ℓ+1); and ``attention_q``, ``attention_k``, ``attention_v`` for the norms on q, k
   and v (QK-norm, V-norm), over every head;
+- ``stats/attn_logit_max/layer_ℓℓ``: the largest attention logit q·k/√d over every head and causal
+  (query, key) pair of the probe — the growth QK-norm exists to stop;
+- ``stats/attn_entropy/layer_ℓℓ``: the entropy (nats) of the attention distribution, averaged over
+  heads and query positions — its collapse is the other classic sign of attention going unstable;
 - ``stats/update_ratio/layer_ℓℓ``: ‖ΔW‖/‖W‖ of the layer's parameters over this step's optimizer
   update (W before the update), from the engine's optimizer hooks.
 
@@ -30,8 +34,10 @@ stages fill disjoint layers; tensor-parallel ranks see the whole stream (one of 
 under sequence parallelism, their own slice of the tokens (all count); data-parallel replicas run the
 same probe (one counts) — :attr:`Engine.probe_share`.  The norms on q, k and v see every token
 and the heads a rank holds: tensor ranks hold disjoint heads, so each counts, and data-parallel
-replicas count once (:attr:`Engine.probe_heads_count`).  The update ratio's squares are divided by how
-many ranks hold each element, as the gradient norms' are (:mod:`megamix.parallel.grad_norm`).
+replicas count once (:attr:`Engine.probe_heads_count`); so does the attention entropy.  The largest
+logit is a maximum, not a sum: one all-reduce of the maxima, which any number of replicas leaves
+alone.  The update ratio's squares are divided by how many ranks hold each element, as the gradient
+norms' are (:mod:`megamix.parallel.grad_norm`).
 """
 
 from __future__ import annotations
@@ -55,9 +61,11 @@ NORM_SLOTS = [(sublayer, slot) for sublayer in SUBLAYERS for slot in SLOTS]
 HEAD_NORMS = ["q_norm", "k_norm", "v_norm"]
 NORM_KEYS = [f"{sublayer}_{slot}" for sublayer, slot in NORM_SLOTS] + [f"attention_{n[0]}" for n in HEAD_NORMS]
 NORM_BASE = 7  # then (sum of squares, elements) per norm key
-HEADS_BASE = NORM_BASE + 2 * len(NORM_SLOTS)  # where the q, k, v norms' columns start
-COLUMNS = NORM_BASE + 2 * len(NORM_KEYS)
-STAT_NAMES = ("rms", "var", "angular", "update_ratio", "norm_out")
+HEADS_BASE = NORM_BASE + 2 * len(NORM_SLOTS)  # from here on, sums over attention heads: the q, k, v norms' ...
+ENTROPY, ATTENTION_ROWS = NORM_BASE + 2 * len(NORM_KEYS), NORM_BASE + 2 * len(NORM_KEYS) + 1  # ... and attention's
+COLUMNS = ATTENTION_ROWS + 1
+STAT_NAMES = ("rms", "var", "angular", "update_ratio", "norm_out", "attn_logit_max", "attn_entropy")
+LOGITS_PER_CHUNK = 1 << 22  # attention logits computed at a time by the probe (16 MB in fp32)
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,6 +115,7 @@ class DepthStats:
         self.engine, self.num_layers = engine, num_layers
         self.tokens = probe[:, :-1].contiguous()  # [sequences, seq_len]
         self.table = torch.zeros(num_layers, COLUMNS, dtype=torch.float64, device=engine.device)
+        self.logit_max = torch.full((num_layers,), -math.inf, dtype=torch.float64, device=engine.device)
         self.armed = False
         self.before: dict[str, torch.Tensor] | None = None
         engine.before_optimizer_step.append(self._snapshot)
@@ -148,6 +157,7 @@ class DepthStats:
                 stack.callback(handle.remove)
                 for column, norm in self._norms(block):
                     stack.enter_context(_recording(norm, probe[index], column))
+                stack.enter_context(_watching(block.attention, probe[index], self.logit_max[index:index + 1]))
             stack.enter_context(eager(list(blocks.values())))
             self.engine.forward_only(self.tokens)
         if counts:
@@ -155,8 +165,10 @@ class DepthStats:
         if heads_count:
             self.table[:, HEADS_BASE:] += probe[:, HEADS_BASE:]
         table = self.engine.reduce_sum(self.table).to("cpu", copy=True)
+        logit_max = self.engine.reduce_max(self.logit_max).to("cpu", copy=True)
         self.table.zero_()
-        return self.values(table)
+        self.logit_max.fill_(-math.inf)
+        return self.values(table, logit_max)
 
     def _norms(self, block: Block) -> list[tuple[int, nn.Module]]:
         """``(table column, norm module)`` for each norm of a block: by (sublayer, slot), then those
@@ -185,10 +197,14 @@ class DepthStats:
 
         return hook
 
-    def values(self, table: torch.Tensor) -> dict[str, float]:
+    def values(self, table: torch.Tensor, logit_max: torch.Tensor) -> dict[str, float]:
         out: dict[str, float] = {}
         for layer in range(self.num_layers):
             row = table[layer].tolist()
+            if math.isfinite(logit_max[layer]):
+                out[stat_key("attn_logit_max", layer)] = float(logit_max[layer])
+            if row[ATTENTION_ROWS] > 0:
+                out[stat_key("attn_entropy", layer)] = row[ENTROPY] / row[ATTENTION_ROWS]
             if row[ELEMENTS] > 0:
                 out[stat_key("rms", layer)] = math.sqrt(row[SUMSQ] / row[ELEMENTS])
                 out[stat_key("var", layer)] = row[VAR] / row[TOKENS]
@@ -223,10 +239,54 @@ def _recording(norm: nn.Module, row: torch.Tensor, column: int):
         del norm.add_norm
 
 
+@contextmanager
+def _watching(attention: nn.Module, row: torch.Tensor, logit_max: torch.Tensor):
+    """While open, every call of ``attention.attend`` also measures its logits: the largest into
+    ``logit_max`` (one element), the summed entropy of each head's attention rows and their count
+    into ``row``; an instance attribute that shadows the method for the moment."""
+    original = attention.attend
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        largest, entropy, rows = attention_logit_stats(_local(q), _local(k))
+        logit_max.clamp_(min=largest)
+        row[ENTROPY] += entropy
+        row[ATTENTION_ROWS] += rows
+        return original(q, k, v)
+
+    attention.attend = attend
+    try:
+        yield
+    finally:
+        del attention.attend
+
+
+def attention_logit_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float, int]:
+    """Causal attention's logits q·k/√d for ``q`` ``[batch, heads, seq, d]`` and ``k`` (as many heads,
+    or fewer: grouped-query): ``(largest logit, Σ entropy of the attention rows in nats, rows)``,
+    a head and a chunk of query rows at a time, in fp32."""
+    batch, heads, seq, dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    chunk = max(1, LOGITS_PER_CHUNK // (batch * seq))
+    keys = torch.arange(seq, device=q.device)
+    largest, entropy = -math.inf, torch.zeros((), dtype=torch.float64, device=q.device)
+    for head in range(heads):
+        kh = k[:, head].float().transpose(1, 2)
+        for start in range(0, seq, chunk):
+            queries = torch.arange(start, min(seq, start + chunk), device=q.device)
+            logits = (q[:, head, start:start + chunk].float() @ kh) * dim ** -0.5  # [batch, rows, seq]
+            logits = logits.masked_fill(keys > queries[:, None], -math.inf)  # a query sees itself and before
+            largest = max(largest, logits.amax().item())
+            logp = logits.log_softmax(-1)
+            entropy -= (logp.exp() * logp.masked_fill(logp == -math.inf, 0.0)).sum(dtype=torch.float64)
+    return largest, entropy.item(), batch * heads * seq
+
+
 def summary_line(values: dict[str, float], num_layers: int) -> str:
-    """``rms 1.02 → 7.9 | angular 0.31 → 0.04 | update 2.1e-03 → 1.5e-03`` (first → last layer)."""
+    """``rms 1.02 → 7.9 | angular 0.31 → 0.04 | logit max 5.1 → 9.8 | update 2.1e-03 → 1.5e-03``
+    (first → last layer)."""
     parts = []
-    for stat, label, fmt in (("rms", "rms", ".3g"), ("angular", "angular", ".3f"), ("update_ratio", "update", ".2e")):
+    for stat, label, fmt in (("rms", "rms", ".3g"), ("angular", "angular", ".3f"),
+                             ("attn_logit_max", "logit max", ".3g"), ("update_ratio", "update", ".2e")):
         first, last = values.get(stat_key(stat, 0)), values.get(stat_key(stat, num_layers - 1))
         if first is not None and last is not None:
             parts.append(f"{label} {first:{fmt}} → {last:{fmt}}")

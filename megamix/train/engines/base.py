@@ -167,6 +167,12 @@ class Engine(ABC):
             dist.all_reduce(values)
         return values
 
+    def reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        """``values``' elementwise maximum over every rank (in place, returned)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values
+
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
