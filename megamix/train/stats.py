@@ -263,22 +263,21 @@ def _watching(attention: nn.Module, row: torch.Tensor, logit_max: torch.Tensor):
 def attention_logit_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float, int]:
     """Causal attention's logits q·k/√d for ``q`` ``[batch, heads, seq, d]`` and ``k`` (as many heads,
     or fewer: grouped-query): ``(largest logit, Σ entropy of the attention rows in nats, rows)``,
-    a head and a chunk of query rows at a time, in fp32."""
+    every head at once for a chunk of query rows at a time, in fp32."""
     batch, heads, seq, dim = q.shape
-    k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    chunk = max(1, LOGITS_PER_CHUNK // (batch * seq))
+    k = k.repeat_interleave(heads // k.shape[1], dim=1).float().transpose(-1, -2)  # [batch, heads, d, seq]
+    chunk = max(1, LOGITS_PER_CHUNK // (batch * heads * seq))
     keys = torch.arange(seq, device=q.device)
-    largest, entropy = -math.inf, torch.zeros((), dtype=torch.float64, device=q.device)
-    for head in range(heads):
-        kh = k[:, head].float().transpose(1, 2)
-        for start in range(0, seq, chunk):
-            queries = torch.arange(start, min(seq, start + chunk), device=q.device)
-            logits = (q[:, head, start:start + chunk].float() @ kh) * dim ** -0.5  # [batch, rows, seq]
-            logits = logits.masked_fill(keys > queries[:, None], -math.inf)  # a query sees itself and before
-            largest = max(largest, logits.amax().item())
-            logp = logits.log_softmax(-1)
-            entropy -= (logp.exp() * logp.masked_fill(logp == -math.inf, 0.0)).sum(dtype=torch.float64)
-    return largest, entropy.item(), batch * heads * seq
+    largest = torch.full((), -math.inf, device=q.device)
+    entropy = torch.zeros((), dtype=torch.float64, device=q.device)
+    for start in range(0, seq, chunk):
+        queries = torch.arange(start, min(seq, start + chunk), device=q.device)
+        logits = (q[:, :, start:start + chunk].float() @ k) * dim ** -0.5  # [batch, heads, rows, seq]
+        logits = logits.masked_fill(keys > queries[:, None], -math.inf)  # a query sees itself and before
+        largest = torch.maximum(largest, logits.amax())
+        logp = logits.log_softmax(-1)
+        entropy -= (logp.exp() * logp.masked_fill(logp == -math.inf, 0.0)).sum(dtype=torch.float64)
+    return largest.item(), entropy.item(), batch * heads * seq
 
 
 def summary_line(values: dict[str, float], num_layers: int) -> str:
