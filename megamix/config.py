@@ -37,7 +37,8 @@ ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16", "bf16_pure")  # bf16: mixed (fp32 master weights); bf16_pure: the reference's
 NONFINITE = ("stop", "skip")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager/eager: tracing without code generation (debugging)
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 WANDB_MODES = ("disabled", "offline", "online")
 TEXT_TASK = "megamix_text_perplexity"  # lm-eval's perplexity of a local text (megamix/hf/lm_eval_tasks)
 
@@ -213,6 +214,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
+    decay_steps: int | None = None  # wsd: the last steps, decaying to min_lr (None: the last 20% of steps)
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -704,6 +707,15 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", f"must not be negative; got {d.num_workers}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("train.decay_shape", t.decay_shape, DECAY_SHAPES)
+    if t.lr_schedule != "wsd":
+        for name, default in (("decay_steps", None), ("decay_shape", "linear")):
+            if getattr(t, name) != default:
+                raise ConfigError(f"train.{name}", f"only lr_schedule: wsd has a decay phase; this run's schedule is "
+                                  f"{t.lr_schedule}")
+    elif t.decay_steps is not None and not 1 <= t.decay_steps <= t.steps - t.warmup_steps:
+        raise ConfigError("train.decay_steps", f"must lie in [1, steps - warmup_steps = {t.steps - t.warmup_steps}]; "
+                          f"got {t.decay_steps}")
     _validate_instruments(cfg)
     dp = p.dp or 1
     if t.global_batch_size % (t.micro_batch_size * dp):

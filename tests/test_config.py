@@ -10,6 +10,12 @@ from megamix.cli import main
 from megamix.config import ConfigError, load_config, validate
 
 BAD = [
+    (["train.decay_steps=10"], "train.decay_steps", "only lr_schedule: wsd"),
+    (["train.decay_shape=1-sqrt"], "train.decay_shape", "only lr_schedule: wsd"),
+    (["train.lr_schedule=wsd", "train.decay_shape=cosine"], "train.decay_shape", "must be one of"),
+    (["train.lr_schedule=wsd", "train.steps=20", "train.warmup_steps=5", "train.decay_steps=16"],
+     "train.decay_steps", "[1, steps - warmup_steps = 15]"),
+    (["train.lr_schedule=wsd", "train.decay_steps=0"], "train.decay_steps", "must lie in"),
     (["norm.alpah=0.3"], "norm.alpah", "did you mean 'norm.alpha'"),
     (["modle.hidden_size=64"], "modle", "did you mean 'model'"),
     (["model.hidden_size=big"], "model.hidden_size", "expected an integer"),

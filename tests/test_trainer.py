@@ -153,6 +153,37 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_min_lr(tiny_config):
     assert lr_at(110, t) == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_schedule_is_warmup_then_constant_then_a_decay_over_the_last_steps(tiny_config, shape):
+    t = tiny_config("train.lr_schedule=wsd", "train.steps=100", "train.warmup_steps=10", "train.decay_steps=30",
+                    f"train.decay_shape={shape}", "train.lr=1e-3", "train.min_lr=1e-4").train
+    assert lr_at(0, t) == pytest.approx(1e-4) and lr_at(9, t) == pytest.approx(1e-3)
+    assert all(lr_at(s, t) == 1e-3 for s in range(10, 71))  # stable until the decay's first step (70)
+    for step in (71, 85, 99):
+        progress = (step - 70) / 30
+        fraction = 1 - progress if shape == "linear" else 1 - math.sqrt(progress)
+        assert lr_at(step, t) == pytest.approx(1e-4 + 9e-4 * fraction)
+    default = tiny_config("train.lr_schedule=wsd", "train.steps=100").train  # decay: the last 20 steps
+    assert lr_at(79, default) == default.lr and lr_at(81, default) < default.lr
+
+
+def test_extending_a_wsd_run_before_its_decay_trains_what_the_longer_plan_would(tiny_config, tmp_path):
+    """Stopped at step 6 of a 10-step plan (decay: the last 2 steps), resumed as a 14-step run: every
+    loss equals that of a run planned for 14 steps from the start (bit for bit: CPU, fp32)."""
+    wsd = ["train.lr_schedule=wsd", "train.decay_steps=2", "train.eval_interval=0", "train.save_interval=6"]
+    short = Trainer(tiny_config(*wsd, "train.steps=10", f"train.output_dir={tmp_path / 'extended'}"))
+    for _ in range(6):
+        short.train_step()
+    short.save()
+    short.wait_for_save()
+    extended = Trainer(tiny_config(*wsd, "train.steps=14", f"train.output_dir={tmp_path / 'extended'}"))
+    assert extended.step == 6
+    got = [extended.train_step()["loss"] for _ in range(8)]
+    planned = Trainer(tiny_config(*wsd, "train.steps=14", f"train.output_dir={tmp_path / 'planned'}"))
+    want = [planned.train_step()["loss"] for _ in range(14)][6:]
+    assert got == want
+
+
 def test_grad_clip_limits_the_update_norm(tiny_config):
     trainer = Trainer(tiny_config("train.grad_clip=0.01"))
     before = [p.detach().clone() for p in trainer.engine.model.parameters()]

@@ -1,4 +1,6 @@
-"""AdamW and the learning-rate schedule (linear warmup, then cosine decay to ``min_lr``)."""
+"""AdamW and the learning-rate schedules: linear warmup, then cosine decay to ``min_lr``, a constant
+rate, or warmup-stable-decay (``wsd``: constant, then a decay to ``min_lr`` over the last
+``decay_steps``, linear or 1 − √progress)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    if cfg.lr_schedule == "wsd":
+        decay_steps = wsd_decay_steps(cfg)
+        start = cfg.steps - decay_steps
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step - start) / decay_steps)
+        fraction = 1.0 - progress if cfg.decay_shape == "linear" else 1.0 - math.sqrt(progress)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * fraction
     decay_steps = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def wsd_decay_steps(cfg: TrainConfig) -> int:
+    """The length of warmup-stable-decay's decay: ``decay_steps``, or the last 20% of the run (at
+    least one step, never into the warmup)."""
+    if cfg.decay_steps is not None:
+        return cfg.decay_steps
+    return max(1, min(round(0.2 * cfg.steps), cfg.steps - cfg.warmup_steps))
