@@ -221,6 +221,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # 0: no clipping (the Mix-LN recipe); the norm is still logged
+    z_loss: float = 0.0  # coefficient of PaLM's auxiliary z-loss, z · mean log²Z (OLMo 2: 1e-5); 0: off
     precision: str = "fp32"
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager | eager
@@ -707,6 +708,8 @@ def validate(cfg: Config, world_size: int | None = None, for_training: bool = Fa
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", f"must not be negative; got {d.num_workers}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    if t.z_loss < 0:
+        raise ConfigError("train.z_loss", f"must not be negative (0: off); got {t.z_loss}")
     _choice("train.decay_shape", t.decay_shape, DECAY_SHAPES)
     if t.lr_schedule != "wsd":
         for name, default in (("decay_steps", None), ("decay_shape", "linear")):

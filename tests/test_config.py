@@ -10,6 +10,7 @@ from megamix.cli import main
 from megamix.config import ConfigError, load_config, validate
 
 BAD = [
+    (["train.z_loss=-1e-4"], "train.z_loss", "must not be negative"),
     (["train.decay_steps=10"], "train.decay_steps", "only lr_schedule: wsd"),
     (["train.decay_shape=1-sqrt"], "train.decay_shape", "only lr_schedule: wsd"),
     (["train.lr_schedule=wsd", "train.decay_shape=cosine"], "train.decay_shape", "must be one of"),

@@ -126,6 +126,7 @@ def cases(data: Path) -> list[dict]:
     return [
         case(data, "zero1", ["parallel.zero=1"], steps=3, save=True),
         case(data, "zero2_clipped", ["parallel.zero=2"], CLIPPED, steps=3),
+        case(data, "zero2_z_loss", ["parallel.zero=2"], ("train.z_loss=0.05",), steps=3),
         case(data, "zero3", ["parallel.zero=3"], steps=3),
         case(data, "zero1_offload", ["parallel.zero=1", "parallel.offload=cpu"], steps=3),
         case(data, "zero3_offload", ["parallel.zero=3", "parallel.offload=cpu"], steps=3),
@@ -165,13 +166,15 @@ def assert_same_records(got: list[dict], expected: list[dict]) -> None:
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), rec["step"]
         layers = [k for k in ref if k.startswith("grad_norm/layer_")]
         assert layers and all(rec[k] == pytest.approx(ref[k], rel=RTOL) for k in layers), rec["step"]
+        assert rec.get("z_loss") == (pytest.approx(ref["z_loss"], rel=RTOL) if "z_loss" in ref else None), rec["step"]
 
 
 def result(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2_clipped", "zero3", "zero1_offload", "zero3_offload", "zero3_full_ac"])
+@pytest.mark.parametrize("name", ["zero1", "zero2_clipped", "zero2_z_loss", "zero3", "zero1_offload", "zero3_offload",
+                                  "zero3_full_ac"])
 def test_zero_stage_matches_single_process(data, world, name):
     out, specs = world
     records, evaluation, _ = reference(str(data), tuple(specs[name]["model"]), 3)

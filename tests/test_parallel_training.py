@@ -78,6 +78,8 @@ def check_against_reference(data: Path, out: Path, spec: dict) -> None:
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), rec["step"]
         layers = [k for k in ref if k.startswith("grad_norm/layer_")]
         assert layers and all(rec[k] == pytest.approx(ref[k], rel=RTOL) for k in layers), rec["step"]
+        z_loss = pytest.approx(ref["z_loss"], rel=RTOL) if "z_loss" in ref else None
+        assert rec.get("z_loss") == z_loss, rec["step"]
     if spec.get("evaluate"):
         assert got["eval"]["val_loss"] == pytest.approx(evaluation["val_loss"], rel=RTOL)
         assert got["eval"]["val_tokens"] == evaluation["val_tokens"]
@@ -100,12 +102,14 @@ SCHEMES = {
     "peri": ["norm.scheme=peri"], "deepnorm": ["norm.scheme=deepnorm"],
 }
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2)]
+Z_LOSS = ["train.z_loss=0.05"]  # strong enough that a wrong z-loss gradient shows at 1e-5
 
 
 def two_process_cases(data: Path) -> list[dict]:
     cases = [case(f"dp2_zero{z}", data, MIX, [f"parallel.zero={z}"], steps=3, evaluate=True, probe_zero=True)
              for z in (0, 2, 3)]
     cases.append(case("tp2", data, MIX, ["parallel.tp=2"], steps=3, evaluate=True))
+    cases.append(case("tp2_z_loss", data, MIX + Z_LOSS, ["parallel.tp=2"]))  # log Z over the vocabulary shards
     for scheme, model in SCHEMES.items():
         cases.append(case(f"tp2_sp_{scheme}", data, model + ["norm.type=layernorm"],
                           ["parallel.tp=2", "parallel.sequence_parallel=true"]))
@@ -178,6 +182,9 @@ def four_process_cases(data: Path) -> list[dict]:
                           evaluate=scheme == "mix"))
     for name, (model, layout) in NEW_NORMS.items():
         cases.append(case(name, data, model, ["parallel.tp=2", "parallel.pp=2", *layout]))
+    # The z-loss on the pipeline's last stage, its logits split over the vocabulary.
+    cases.append(case("tp2_pp2_sp_z_loss", data, MIX + Z_LOSS, ["parallel.tp=2", "parallel.pp=2",
+                                                                "parallel.sequence_parallel=true"]))
     return cases
 
 

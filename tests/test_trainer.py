@@ -184,6 +184,38 @@ def test_extending_a_wsd_run_before_its_decay_trains_what_the_longer_plan_would(
     assert got == want
 
 
+def test_z_loss_joins_the_objective_and_is_logged_beside_the_cross_entropy(tiny_config, tmp_path):
+    """The gradients of one accumulated step equal those of CE + z · mean(logsumexp²) written out
+    here; "loss" stays the cross-entropy, "z_loss" is the added term."""
+    import copy
+
+    import torch.nn.functional as F
+
+    z = 0.05
+    trainer = Trainer(tiny_config(f"train.z_loss={z}", "train.micro_batch_size=2"))  # 4 micro-batches
+    reference = copy.deepcopy(trainer.engine.model)
+    micro_batches = trainer.next_batch()
+    ce = trainer.engine.forward_backward(micro_batches)
+    want_ce = want_z = 0.0
+    for tokens in micro_batches:
+        logits = reference(tokens[:, :-1])
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        z_term = z * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        ((cross_entropy + z_term) / len(micro_batches)).backward()
+        want_ce += cross_entropy.item() / len(micro_batches)
+        want_z += z_term.item() / len(micro_batches)
+    assert float(ce) == pytest.approx(want_ce, rel=1e-6)
+    assert float(trainer.engine.last_z_loss) == pytest.approx(want_z, rel=1e-6)
+    for (name, got), want in zip(trainer.engine.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    # In the loop: the first step's cross-entropy is the plain run's (same weights), and z-loss is logged.
+    plain = Trainer(tiny_config(f"train.output_dir={tmp_path / 'plain'}")).train_step()
+    with_z = Trainer(tiny_config(f"train.z_loss={z}", f"train.output_dir={tmp_path / 'z'}")).train_step()
+    assert with_z["loss"] == plain["loss"] and "z_loss" not in plain
+    assert with_z["z_loss"] > 0 and with_z["grad_norm"] != plain["grad_norm"]
+
+
 def test_grad_clip_limits_the_update_norm(tiny_config):
     trainer = Trainer(tiny_config("train.grad_clip=0.01"))
     before = [p.detach().clone() for p in trainer.engine.model.parameters()]

@@ -117,6 +117,19 @@ class _SumGradOverRanks(torch.autograd.Function):
         return _all_reduce_sum(grad, ctx.group), None
 
 
+class _SumForward(torch.autograd.Function):
+    """All-reduce (sum) in the forward, identity in the backward (Megatron's "reduce from the
+    tensor-parallel region"): a sum every rank then uses alike, as a replicated loss does."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        return _all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class ColumnSplit:
     """A norm's features split over the tensor-parallel ranks like a column-sharded projection's
     (:class:`megamix.model.norms.FeatureSplit`)."""
@@ -173,6 +186,19 @@ def vocab_parallel_cross_entropy(
     ``torch.distributed.tensor.parallel.loss_parallel()``."""
     logits = DTensor.from_local(local_logits, tp_mesh, [Shard(-1)], run_check=False)
     return lm_loss(logits, targets).to_local()
+
+
+def vocab_parallel_log_z_squared(local_logits: torch.Tensor, tp_mesh: DeviceMesh) -> torch.Tensor:
+    """:func:`megamix.model.loss.log_z_squared` of logits split over the vocabulary, without
+    gathering them: the largest logit (a constant shift, no gradient) and the sum of exponentials
+    below it are reduced over the ranks; every rank then holds the same replicated value, whose
+    gradient reaches each rank's own vocabulary shard."""
+    group = tp_mesh.get_group()
+    x = local_logits.float()
+    shift = x.detach().amax(-1, keepdim=True)
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    total = _SumForward.apply((x - shift).exp().sum(-1, keepdim=True), group)
+    return (shift + total.log()).squeeze(-1).square().mean()
 
 
 def is_tensor_parallel(param: torch.Tensor, tp_mesh: DeviceMesh) -> bool:

@@ -134,6 +134,8 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": stats.grad_norm}
+        if t.z_loss:  # the auxiliary term, beside the cross-entropy that "loss" stays
+            record["z_loss"] = self.engine.reduce_loss(self.engine.last_z_loss)
         if stats.skipped or not (math.isfinite(loss) and math.isfinite(stats.grad_norm)):
             self.nonfinite(record, stats.skipped)
         self.instruments.watch(record, stats)

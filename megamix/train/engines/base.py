@@ -30,6 +30,7 @@ from torch import nn
 
 from megamix.checkpoint import PendingCheckpoint
 from megamix.config import Config
+from megamix.model import lm_loss, log_z_squared
 
 
 @dataclass
@@ -74,12 +75,34 @@ class Engine(ABC):
         """The layout, for the start-of-run log line ("" for one process)."""
         return ""
 
+    # -- the loss -----------------------------------------------------------------------------
+    last_z_loss: torch.Tensor | None = None  # this rank's z-loss term of the last step (None: off or not here)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of one micro-batch: what is logged and evaluated."""
+        return lm_loss(logits, targets)
+
+    def log_z_squared(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean log²Z of one micro-batch's logits (:func:`megamix.model.loss.log_z_squared`)."""
+        return log_z_squared(logits)
+
+    def objective(self, logits: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(what backward runs on, the cross-entropy, the z-loss term)`` of one training
+        micro-batch: the cross-entropy, plus ``train.z_loss`` · mean log²Z when that is set."""
+        ce = self.loss(logits, targets)
+        if not self.cfg.train.z_loss:
+            return ce, ce, None
+        z = self.cfg.train.z_loss * self.log_z_squared(logits)
+        return ce + z, ce, z
+
     # -- one step -----------------------------------------------------------------------------
     @abstractmethod
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
         """Forward and backward over this rank's micro-batches (each ``[micro_batch, seq_len + 1]``
-        token ids) with gradients averaged over the global batch; returns this rank's mean loss
-        (None on ranks that compute no loss, e.g. pipeline stages before the last)."""
+        token ids) of :meth:`objective`, with gradients averaged over the global batch; returns
+        this rank's mean cross-entropy (None on ranks that compute no loss, e.g. pipeline stages
+        before the last) and leaves its mean z-loss term in ``last_z_loss``."""
 
     @abstractmethod
     def optimizer_step(self, lr: float, layer_norms: bool = True) -> StepStats:

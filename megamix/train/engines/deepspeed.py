@@ -131,14 +131,19 @@ class DeepSpeedEngine(Engine):
         """Our loop, not DeepSpeed's counter, marks the step's last micro-batch as the accumulation
         boundary, where gradients are reduced; the loss is already divided by the micro-batch count."""
         self.engine.train()
+        n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device) if self.cfg.train.z_loss else None
         for k, tokens in enumerate(micro_batches):
-            self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
+            self.engine.set_gradient_accumulation_boundary(k == n - 1)
             with self.autocast():
                 logits = self.engine(tokens[:, :-1])
-            loss = lm_loss(logits, tokens[:, 1:]) / len(micro_batches)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            total += loss.detach()
+            objective, ce, z = self.objective(logits, tokens[:, 1:])
+            self.engine.backward(objective / n, scale_wrt_gas=False)
+            total += ce.detach() / n
+            if z is not None:
+                z_total += z.detach() / n
+        self.last_z_loss = z_total
         return total
 
     def optimizer_step(self, lr: float, layer_norms: bool = True) -> StepStats:

@@ -23,7 +23,7 @@ class PipelineEngine(PlainEngine):
         p = cfg.parallel
         num_stages = p.pp * p.virtual_stages
         self.schedule = build_schedule(p.schedule, self.stages, self.stage_ids, num_stages,
-                                       self.micro_batches_per_step, self.loss, device, self.mesh.pp_group)
+                                       self.micro_batches_per_step, self.schedule_loss, device, self.mesh.pp_group)
         self.first_stage = 0 in self.stage_ids
         self.last_stage = num_stages - 1 in self.stage_ids
 
@@ -43,13 +43,35 @@ class PipelineEngine(PlainEngine):
             (self.schedule.step if train else self.schedule.eval)(*args, target=targets, losses=losses)
         return losses
 
+    def schedule_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function on the last stage: in a training step the objective, whose
+        cross-entropy and z-loss term it records by the objective's identity (the schedule also
+        calls it on placeholder tensors to infer shapes; only the losses it returns are counted);
+        in evaluation the cross-entropy."""
+        if self.step_losses is None:
+            return self.loss(logits, targets)
+        objective, ce, z = self.objective(logits, targets)
+        self.step_losses[id(objective)] = (ce.detach().clone(), None if z is None else z.detach().clone())
+        return objective
+
+    step_losses: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # during a training step
+
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
         """One schedule step over all micro-batches; the mean loss on the last stage, else None.
         (The schedule divides each micro-batch's gradient by their number.)"""
         self.train()
-        losses = self.run_schedule(micro_batches, train=True)
+        self.step_losses, self.last_z_loss = {}, None
+        try:
+            losses = self.run_schedule(micro_batches, train=True)
+            parts = [self.step_losses[id(loss)] for loss in losses]
+        finally:
+            self.step_losses = None
         self.finish_gradients()
-        return torch.stack(losses).mean().detach() if self.last_stage else None
+        if not self.last_stage:
+            return None
+        if self.cfg.train.z_loss:
+            self.last_z_loss = torch.stack([z for _, z in parts]).mean()
+        return torch.stack([ce for ce, _ in parts]).mean()
 
     @torch.no_grad()
     def forward_only(self, tokens: torch.Tensor) -> None:

@@ -83,6 +83,13 @@ class PlainEngine(Engine):
             return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_mesh)
         return lm_loss(logits, targets)
 
+    def log_z_squared(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.tensor_parallel:
+            from megamix.parallel.tensor_parallel import vocab_parallel_log_z_squared
+
+            return vocab_parallel_log_z_squared(logits, self.mesh.tp_mesh)
+        return super().log_z_squared(logits)
+
     # -- one step -----------------------------------------------------------------------------
     def train(self) -> None:
         for stage in self.stages:
@@ -91,15 +98,20 @@ class PlainEngine(Engine):
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
         """Gradient accumulation over this rank's micro-batches; returns their mean loss."""
         self.train()
+        n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device) if self.cfg.train.z_loss else None
         for k, tokens in enumerate(micro_batches):
-            self.set_gradient_sync(k == len(micro_batches) - 1)  # reduce over dp once per step
+            self.set_gradient_sync(k == n - 1)  # reduce over dp once per step
             with self.loss_context():
                 with self.autocast():
                     logits = self.model(tokens[:, :-1])
-                loss = self.loss(logits, tokens[:, 1:]) / len(micro_batches)
-                loss.backward()
-            total += loss.detach()
+                objective, ce, z = self.objective(logits, tokens[:, 1:])
+                (objective / n).backward()
+            total += ce.detach() / n
+            if z is not None:
+                z_total += z.detach() / n
+        self.last_z_loss = z_total
         self.finish_gradients()
         return total
 
