@@ -218,7 +218,8 @@ class Trainer:
                     self.metrics.log(record)
                     history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                    self.log(f"step {self.step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    z_loss = f" | z-loss {record['z_loss']:.2e}" if "z_loss" in record else ""
+                    self.log(f"step {self.step:>6} | loss {record['loss']:.4f}{z_loss} | lr {record['lr']:.2e} | "
                              f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
                 if t.eval_interval and self.step % t.eval_interval == 0 or self.step == t.steps:
                     ev = self.evaluate()
