@@ -241,11 +241,40 @@ def progress(point: Point, slurm: dict[str, str]) -> Progress:
         state = "finished"
     elif job and slurm.get(job) in ALIVE:
         state = f"{slurm[job].lower()} (job {job})"
-    elif checkpoint or step:
-        state = f"stopped at step {checkpoint}" + (f" (job {job}: {slurm[job].lower()})" if slurm.get(job) else "")
     else:
-        state = "not started" + (f" (job {job}: {slurm[job].lower()})" if job and slurm.get(job) else "")
+        state = f"stopped at step {checkpoint}" if checkpoint or step else "not started"
+        if job:
+            state += f" (job {job}: {slurm[job].lower()})" if slurm.get(job) else f" (job {job})"
+            reason = last_error(Path(point.config).parents[1] / "slurm" / f"{point.name}-{job}.out")
+            if reason:
+                state += f": {reason}"
     return Progress(steps, checkpoint, step, loss, val_ppl, state)
+
+
+ERROR_LINES = (re.compile(r"(?:^|\] |: )(megamix: .*|\w*(?:Error|Exception): .*)$"),  # the error itself
+               re.compile(r"(megamix-slurm: (?:not requeueing|config check failed|first rank to end|stop"
+                          r"|stopped).*)$"))  # else the batch script's verdict
+INFO_LINE = re.compile(r"megamix: (?:[\d.]+M params|config: |interrupted|\w+ during start-up|not building|JIT build"
+                       r"|index cache|blend helper)")  # megamix's own lines that are not errors
+
+
+def last_error(log: Path) -> str | None:
+    """The last line of a job's Slurm log that reports the error (``megamix: …`` or a Python
+    exception, else the batch script's ``megamix-slurm: …`` verdict), cut to 200 characters."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for pattern in ERROR_LINES:
+        for line in reversed(lines):
+            match = pattern.search(line.strip())
+            if match and not INFO_LINE.match(match.group(1)):
+                text = match.group(1)
+                return text if len(text) <= 200 else text[:199] + "…"
+    return None
 
 
 def slurm_states(jobs: list[str]) -> dict[str, str]:

@@ -246,6 +246,20 @@ def test_sweep_submits_each_point_once_and_follows_it_to_the_end(slurm_env, work
     manifest = (out / "sweep.json").read_text()
     assert all(f'"{job}"' in manifest for _, job in first)
 
+    # A point the allocation cannot run (no --world-size given, so the sweep could not tell): its job
+    # fails in the batch script's config check, and the status says why, from the job's log.
+    failing = [*cmd[:cmd.index("--out") + 1], str(workdir / "sweep_pp4"), "--config", str(base), "--grid",
+               "parallel.pp=4", "--submit", "--sbatch-args", cmd[-1]]
+    done = subprocess.run(failing, env=slurm_env, cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    job = re.search(r"^submitted pp=4: job (\d+)$", done.stdout, re.MULTILINE).group(1)
+    SUBMITTED.append(job)
+    assert Job(job, workdir, workdir / "sweep_pp4" / "runs" / "pp=4").wait(slurm_env)["JobState"] == "FAILED"
+    status = subprocess.run([sys.executable, "-m", "megamix", "sweep", "--out", str(workdir / "sweep_pp4"), "--status"],
+                            env=slurm_env, capture_output=True, text=True, timeout=120).stdout
+    assert f"| not started (job {job}: failed): megamix: config error: parallel.tp: tp×pp = 4 does not divide the " \
+           "world size 2 |" in status, status
+
 
 # ----------------------------------------------------------------------------------------------
 # The requeue decision, with a stand-in launcher: each rank records the exit code it is told

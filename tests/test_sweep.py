@@ -156,6 +156,32 @@ def test_run_trains_each_point_then_skips_the_finished_and_extends_the_study(bas
     assert (out / "comparison" / "curves.png").stat().st_size > 1000
 
 
+def test_a_stopped_points_status_quotes_the_error_from_its_slurm_log(tmp_path):
+    from megamix.sweep import last_error
+
+    log = tmp_path / "job.out"
+    cases = {
+        # the trainer's own start line is not an error; the exception after it is
+        "megamix-slurm: job 7 attempt 0: 2 ranks\n0: megamix: 4.5M params, 8 layers\n0: step 3 | loss 6.1\n"
+        "1: Traceback (most recent call last):\n1: RuntimeError: CUDA out of memory\n"
+        "megamix-slurm: first rank to end: rank 1, exit code 1; srun exited with 1\n":
+            "RuntimeError: CUDA out of memory",
+        "megamix: config error: parallel.tp: tp×pp = 4 does not divide the world size 2\n"
+        "megamix-slurm: config check failed for 2 ranks; no rank was started\n":
+            "megamix: config error: parallel.tp: tp×pp = 4 does not divide the world size 2",
+        # no error line: the batch script's verdict
+        "0: megamix: interrupted: saving a checkpoint\nmegamix-slurm: not requeueing: no new checkpoint\n":
+            "megamix-slurm: not requeueing: no new checkpoint",
+        "megamix-slurm: job 7 attempt 0\n0: megamix: 4.5M params\n0: step 1 | loss 6.2\n": None,
+    }
+    for text, reason in cases.items():
+        log.write_text(text)
+        assert last_error(log) == reason, text
+    assert last_error(tmp_path / "missing.out") is None
+    log.write_text("ValueError: " + "x" * 500 + "\n")
+    assert len(last_error(log)) == 200
+
+
 def test_status_reads_only_the_manifest(base, tmp_path, capsys):
     assert sweep("--out", str(tmp_path / "none"), "--status") == 1
     assert "is not a sweep directory" in capsys.readouterr().err
