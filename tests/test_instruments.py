@@ -143,6 +143,8 @@ def test_attention_logit_statistics_match_the_formulas_however_the_rows_are_chun
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 9, 8, generator=gen) * 3, torch.randn(2, 2, 9, 8, generator=gen) * 3  # GQA: 2 groups
     largest, entropy, rows = stats.attention_logit_stats(q, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the probe runs in a bf16 run: still fp32
+        assert stats.attention_logit_stats(q, k) == (largest, entropy, rows)
     expected_max, expected_entropy = -math.inf, 0.0
     for b in range(2):
         for h in range(4):

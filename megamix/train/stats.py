@@ -263,7 +263,12 @@ def _watching(attention: nn.Module, row: torch.Tensor, logit_max: torch.Tensor):
 def attention_logit_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float, int]:
     """Causal attention's logits q·k/√d for ``q`` ``[batch, heads, seq, d]`` and ``k`` (as many heads,
     or fewer: grouped-query): ``(largest logit, Σ entropy of the attention rows in nats, rows)``,
-    every head at once for a chunk of query rows at a time, in fp32."""
+    every head at once for a chunk of query rows at a time, in fp32 (also under the run's autocast)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _logit_stats(q, k)
+
+
+def _logit_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float, int]:
     batch, heads, seq, dim = q.shape
     k = k.repeat_interleave(heads // k.shape[1], dim=1).float().transpose(-1, -2)  # [batch, heads, d, seq]
     chunk = max(1, LOGITS_PER_CHUNK // (batch * heads * seq))
