@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--run", action="store_true", help="train the unfinished points here, one after another")
     start.add_argument("--status", action="store_true", help="report each point's step, loss, perplexity and "
                        "state (no planning)")
-    sweep.add_argument("--sbatch-args", default="", metavar="ARGS", help='sbatch options, e.g. "--time=12:00:00 -N 2"')
+    sweep.add_argument("--sbatch-args", default="", metavar="ARGS",
+                       help='sbatch options, written with "=": --sbatch-args="--time=12:00:00 -N 2"')
     sweep.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the batch script (default: %(default)s)")
     sweep.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                        help="with --run: processes per point (torchrun)")

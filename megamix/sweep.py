@@ -4,7 +4,7 @@ to its end and compared.
 
     megamix sweep --out runs/study --config configs/llama_71m.yaml \\
         --grid norm.scheme=pre,post,mix,lns --grid train.seed=1,2 [--set section.key=value ...] \\
-        [--world-size 8] [--submit [--sbatch-args "--time=12:00:00 -N 1"] | --run [--nproc N]]
+        [--world-size 8] [--submit [--sbatch-args="--time=12:00:00 -N 1"] | --run [--nproc N]]
     megamix sweep --out runs/study --status [--compare]
 
 A point's name is its grid values, ``scheme=mix_seed=1``.  The sweep directory holds:

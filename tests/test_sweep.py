@@ -77,7 +77,7 @@ def test_plan_writes_each_points_resolved_config_and_the_manifest(base, tmp_path
     (["--grid", "scheme=pre"], "scheme"),
     (["--grid", "train.seed=1", "--world-size", "3"], "train.global_batch_size"),  # 3 ranks: 8 = 4 × dp?
     (["--grid", "train.seed=1", "--set", "data.path=/nonexistent/corpus"], "data.path"),
-    (["--grid", "train.seed=1", "--submit", "--sbatch-args", '"--time=1'], "--sbatch-args"),  # unclosed quote
+    (["--grid", "train.seed=1", "--submit", '--sbatch-args="--time=1'], "--sbatch-args"),  # unclosed quote
     (["--grid", "train.seed=1", "--submit", "--script", "/nonexistent/train.sbatch"], "--script"),
 ])
 def test_a_bad_value_in_any_point_is_a_named_error_before_anything_is_written(base, tmp_path, capsys, args, field):
