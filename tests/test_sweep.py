@@ -159,12 +159,12 @@ def test_run_trains_each_point_then_skips_the_finished_and_extends_the_study(bas
 @pytest.mark.dist
 def test_run_with_nproc_trains_each_point_under_torchrun(base, tmp_path, capsys):
     out = tmp_path / "study"
-    assert sweep("--out", str(out), "--config", str(base), "--grid", "train.seed=1", "--set", "train.steps=1",
+    assert sweep("--out", str(out), "--config", str(base), "--grid", "train.seed=1",
                  "--run", "--nproc", "2") == 0
     assert "torch.distributed.run --standalone --nproc-per-node=2" in capsys.readouterr().out
     run = out / "runs" / "seed=1"
     assert load_config(run / "config.yaml").parallel.dp == 2  # the run's resolved config: two data-parallel ranks
-    assert (run / "checkpoints" / "step_0000001" / "train_state.json").is_file()
+    assert (run / "checkpoints" / "step_0000002" / "train_state.json").is_file()
 
 
 def test_a_stopped_points_status_quotes_the_error_from_its_slurm_log(tmp_path):
