@@ -8,8 +8,10 @@ side by side, one step each in turn (the order swapped every step), so that a sl
 machine hits both alike; each block of 10 steps holds exactly one statistics step.  The table gives
 the mean time per step of each (the statistics steps are the cost, so a mean, not a median), the
 overhead (on / off − 1) with its spread over the blocks, and the median wall time of one statistics
-measurement itself (probe forward, update ratios, the all-reduce and the log line; the snapshot of
-the weights the update ratio needs is taken inside the step and counted in the step times only).
+measurement itself (probe forward, the all-reduce and the log line), and the median time of what the
+statistics add inside a statistics step (the copy of the weights before the update and the
+update-to-weight ratios after it, timed around the engine's optimizer hooks; counted in the step
+times too).
 
 The data is a synthetic corpus written into a temporary directory (token statistics do not matter
 for timing).  ``llama_71m`` runs with a reduced batch and in fp32 on the CPU (its config says bf16,
@@ -75,6 +77,20 @@ def timed_step(trainer: Trainer, probe_times: list[float]) -> float:
     return end - start
 
 
+def timed_hook(hook, stats, times: list[float]):
+    """``hook`` (one of the depth statistics' optimizer hooks), adding its wall time to the last
+    entry of ``times`` on statistics steps (a new entry at each step's snapshot)."""
+    def timed(*args):
+        armed = stats.armed
+        start = time.perf_counter()
+        hook(*args)
+        if armed:
+            if hook.__name__ == "_snapshot":
+                times.append(0.0)
+            times[-1] += time.perf_counter() - start
+    return timed
+
+
 def measure(name: str, micro: int, accumulation: int, repeats: int, device: str, scratch: Path) -> dict:
     config, extra = MODELS[name]
     cfg = load_config(config, extra)
@@ -91,6 +107,12 @@ def measure(name: str, micro: int, accumulation: int, repeats: int, device: str,
     off = make_trainer(config, overrides, scratch / f"{name}_off", stats=False, device=device)
     on = make_trainer(config, overrides, scratch / f"{name}_on", stats=True, device=device)
     probe_times: list[float] = []
+    in_step: list[float] = []  # per statistics step: the weight snapshot and the update ratios
+    stats = on.instruments.stats
+    for hooks in (on.engine.before_optimizer_step, on.engine.after_optimizer_step):
+        for i, hook in enumerate(hooks):
+            if getattr(hook, "__self__", None) is stats:
+                hooks[i] = timed_hook(hook, stats, in_step)
     for trainer in (off, on):  # warm-up: first-step allocations, the loader's first read
         for _ in range(2):
             timed_step(trainer, [])
@@ -113,17 +135,17 @@ def measure(name: str, micro: int, accumulation: int, repeats: int, device: str,
     return {"model": name, "params": off.engine.num_params, "batch": f"{micro * accumulation} × {seq_len}",
             "off": total["off"] / steps, "on": total["on"] / steps, "overhead": total["on"] / total["off"] - 1,
             "spread": statistics.stdev(ratios) if len(ratios) > 1 else float("nan"),
-            "probe": statistics.median(probe_times), "blocks": repeats}
+            "probe": statistics.median(probe_times), "in_step": statistics.median(in_step), "blocks": repeats}
 
 
 def table(rows: list[dict], device: str) -> str:
     lines = [f"| model | parameters | batch (sequences × tokens) | step, statistics off | step, statistics every "
-             f"{INTERVAL} | overhead | one statistics measurement |",
-             "|---|---|---|---|---|---|---|"]
+             f"{INTERVAL} | overhead | one statistics measurement | inside a statistics step |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['off'] * 1e3:.1f} ms "
                      f"| {r['on'] * 1e3:.1f} ms | {r['overhead'] * 100:+.1f}% ± {r['spread'] * 100:.1f} "
-                     f"| {r['probe'] * 1e3:.1f} ms |")
+                     f"| {r['probe'] * 1e3:.1f} ms | {r['in_step'] * 1e3:.1f} ms |")
     return "\n".join(lines) + f"\n\n(device: {device}; means over {rows[0]['blocks']} blocks of " \
                               f"{INTERVAL} steps per setting, one step of each in turn; ± is the standard " \
                               "deviation of the overhead over the blocks)"
