@@ -99,17 +99,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from megamix import sweep
 
     if args.status:
-        given = [name for name, v in (("--config", args.config), ("--grid", args.grid), ("--set", args.overrides))
-                 if v]
+        given = [name for name, v in (("--config", args.config), ("--grid", args.grid), ("--zip", args.zip),
+                                      ("--set", args.overrides)) if v]
         if given:
             raise sweep.SweepError(f"--status reads the sweep in {args.out}; {', '.join(given)} belong to planning it")
         points = sweep.read_manifest(args.out)
     else:
         world = args.nproc if args.run else args.world_size
         extra = sweep.submission(args.sbatch_args, args.script) if args.submit else []
-        planned = sweep.plan(args.out, args.config, args.overrides, args.grid, world_size=world)
+        planned = sweep.plan(args.out, args.config, args.overrides, args.grid, world_size=world, zips=args.zip)
         call = {"config": str(Path(args.config).resolve()) if args.config else None, "set": args.overrides,
-                "grid": args.grid}
+                "grid": args.grid, **({"zip": args.zip} if args.zip else {})}
         points = sweep.write(args.out, planned, call)
         print(f"sweep {args.out}: {len(planned)} point(s), configs in {Path(args.out) / 'configs'}")
         print(sweep.plan_table(planned))
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sweep)
     sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                        help="values to sweep (repeatable: every combination); a YAML list for values with commas")
+    sweep.add_argument("--zip", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                       help="values that vary together (repeatable, as many each): the i-th of every --zip key "
+                       "in one point, e.g. a scheme with its own learning rate")
     sweep.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
                        help="validate every point for a launch of N processes (the allocation's)")
     start = sweep.add_mutually_exclusive_group()

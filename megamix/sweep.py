@@ -5,9 +5,12 @@ to its end and compared.
     megamix sweep --out runs/study --config configs/llama_71m.yaml \\
         --grid norm.scheme=pre,post,mix,lns --grid train.seed=1,2 [--set section.key=value ...] \\
         [--world-size 8] [--submit [--sbatch-args="--time=12:00:00 -N 1"] | --run [--nproc N]]
+    megamix sweep --out runs/lr --config ... --zip norm.scheme=pre,post --zip train.lr=1e-3,3e-4 ...
     megamix sweep --out runs/study --status [--compare]
 
-A point's name is its grid values, ``scheme=mix_seed=1``.  The sweep directory holds:
+A point's name is its grid values, ``scheme=mix_seed=1``.  ``--zip`` keys vary together (the i-th
+value of each in the same point), as one axis of the grid: a scheme with its own learning rate.
+The sweep directory holds:
 
 - ``sweep.json``: the manifest — every point's name, its grid values, its config, its run directory
   and the Slurm jobs submitted for it (written atomically after each submission), and the calls
@@ -92,16 +95,27 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     return key, values
 
 
-def point_names(grid: list[tuple[str, list[str]]]) -> list[tuple[str, dict[str, str]]]:
-    """Every combination of the grid's values (the first key varies slowest), named by its values:
-    a key's last part (``scheme``), or the whole key where two keys share it."""
-    keys = [key for key, _ in grid]
+def point_names(grid: list[tuple[str, list[str]]], zipped: list[tuple[str, list[str]]] = ()
+                ) -> list[tuple[str, dict[str, str]]]:
+    """Every combination of the grid's values, named by its values: a key's last part (``scheme``),
+    or the whole key where two keys share it.  The ``zipped`` keys vary together, as one axis (their
+    i-th values in the same point: a scheme with its own learning rate), the slowest; then the
+    grid's keys in order, the last varying fastest."""
+    axes = []
+    if zipped:
+        lengths = {len(values) for _, values in zipped}
+        if len(lengths) > 1:
+            raise ConfigError(zipped[0][0], "--zip keys vary together, so they need as many values each; got "
+                              + ", ".join(f"{key}: {len(values)}" for key, values in zipped))
+        axes.append([{key: values[i] for key, values in zipped} for i in range(lengths.pop())])
+    axes += [[{key: value} for value in values] for key, values in grid]
+    keys = [key for key, _ in zipped] + [key for key, _ in grid]
     lasts = [key.rsplit(".", 1)[1] for key in keys]
-    labels = [last if lasts.count(last) == 1 else key for key, last in zip(keys, lasts)]
+    labels = {key: last if lasts.count(last) == 1 else key for key, last in zip(keys, lasts)}
     points = []
-    for combo in itertools.product(*(values for _, values in grid)):
-        values = dict(zip(keys, combo))
-        name = "_".join(f"{label}={_safe(value)}" for label, value in zip(labels, combo)) or "run"
+    for combo in itertools.product(*axes):
+        values = {key: value for part in combo for key, value in part.items()}
+        name = "_".join(f"{labels[key]}={_safe(value)}" for key, value in values.items()) or "run"
         points.append((name, values))
     names = [name for name, _ in points]
     for name in names:
@@ -120,24 +134,25 @@ def _safe(value: str) -> str:
 
 
 def plan(out: str | os.PathLike, config: str | None, sets: list[str], grids: list[str],
-         world_size: int | None = None) -> list[tuple[Point, Config]]:
+         world_size: int | None = None, zips: list[str] = ()) -> list[tuple[Point, Config]]:
     """The sweep's points with their resolved configs; a bad value in any of them is a
     :class:`ConfigError` naming the field and the point, raised before anything is written."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} is a file; a sweep needs a directory")
     grid = [parse_grid(spec) for spec in grids]
-    keys = [key for key, _ in grid]
+    zipped = [parse_grid(spec) for spec in zips]
+    keys = [key for key, _ in zipped + grid]
     if len(set(keys)) != len(keys):
-        raise ConfigError(next(k for k in keys if keys.count(k) > 1), "appears in two --grid options")
+        raise ConfigError(next(k for k in keys if keys.count(k) > 1), "appears in two --grid/--zip options")
     fixed = [parse_override(item)[0] for item in sets]
     for key in keys:
         if key in fixed:
-            raise ConfigError(key, "is both a --grid and a --set")
+            raise ConfigError(key, "is both swept (--grid/--zip) and set (--set)")
     if "train.output_dir" in keys + fixed:
         raise ConfigError("train.output_dir", f"a sweep gives each point its own run directory under {out}/runs")
     planned = []
-    for name, values in point_names(grid):
+    for name, values in point_names(grid, zipped):
         run_dir = out / "runs" / name
         overrides = [*sets, *(f"{key}={value}" for key, value in values.items()), f"train.output_dir={run_dir}"]
         try:

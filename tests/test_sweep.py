@@ -44,6 +44,12 @@ def test_grid_points_are_every_combination_named_by_their_values():
     clash = point_names([("train.seed", ["1"]), ("data.seed", ["7"]), ("norm.layers", ["[post, pre]"])])
     assert clash[0][0] == "train.seed=1_data.seed=7_layers=post-pre"
     assert point_names([]) == [("run", {})]
+    # --zip keys vary together, as the slowest axis: each scheme with its own learning rate.
+    zipped = point_names([("train.seed", ["1", "2"])],
+                         [("norm.scheme", ["pre", "post"]), ("train.lr", ["1e-3", "3e-4"])])
+    assert [name for name, _ in zipped] == ["scheme=pre_lr=1e-3_seed=1", "scheme=pre_lr=1e-3_seed=2",
+                                            "scheme=post_lr=3e-4_seed=1", "scheme=post_lr=3e-4_seed=2"]
+    assert zipped[2][1] == {"norm.scheme": "post", "train.lr": "3e-4", "train.seed": "1"}
 
 
 def test_plan_writes_each_points_resolved_config_and_the_manifest(base, tmp_path, capsys):
@@ -72,6 +78,8 @@ def test_plan_writes_each_points_resolved_config_and_the_manifest(base, tmp_path
     (["--grid", "train.output_dir=a,b"], "train.output_dir"),
     (["--grid", "train.seed=1,2", "--grid", "train.seed=3"], "train.seed"),
     (["--grid", "train.seed=1,2", "--set", "train.seed=3"], "train.seed"),
+    (["--zip", "norm.scheme=pre,post", "--zip", "train.lr=1e-3"], "norm.scheme"),  # zipped lengths differ
+    (["--zip", "train.seed=1,2", "--grid", "train.seed=3"], "train.seed"),
     (["--grid", "train.seed=1,,2"], "train.seed"),
     (["--grid", "train.seed=1,1"], "train.seed"),
     (["--grid", "scheme=pre"], "scheme"),
@@ -86,6 +94,17 @@ def test_a_bad_value_in_any_point_is_a_named_error_before_anything_is_written(ba
     err = capsys.readouterr().err
     assert err.startswith(f"megamix: config error: {field}"), err
     assert not out.exists()
+
+
+def test_zipped_values_share_a_point(base, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert sweep("--out", str(out), "--config", str(base), "--zip", "norm.scheme=pre,post", "--zip",
+                 "train.lr=1e-3,3e-4") == 0
+    assert "| scheme=post_lr=3e-4 | post | 3e-4 | post×4 |" in capsys.readouterr().out
+    cfg = load_config(out / "configs" / "scheme=post_lr=3e-4.yaml")
+    assert (cfg.norm.scheme, cfg.train.lr) == ("post", 3e-4)
+    assert json.loads((out / "sweep.json").read_text())["calls"][0]["zip"] == ["norm.scheme=pre,post",
+                                                                              "train.lr=1e-3,3e-4"]
 
 
 def test_an_out_that_is_a_file_or_a_count_below_one_is_refused(base, tmp_path, capsys):
