@@ -444,8 +444,9 @@ def run_here(points: list[Point], nproc: int = 1) -> list[str]:
             raise SweepError(f"interrupted during point {point.name} (it exited with {code}); run the same command "
                              "again to go on (a point resumes from its latest checkpoint)") from None
         if code != 0:
-            raise SweepError(f"point {point.name} exited with {code} (its log: {point.run_dir}); the points after "
-                             "it did not run; run the same command again to go on (finished points are skipped)")
+            raise SweepError(f"point {point.name} exited with {code} (its run directory: {point.run_dir}); the "
+                             "points after it did not run; run the same command again to go on (finished points "
+                             "are skipped)")
         done.append(point.name)
     return done
 
